@@ -1,0 +1,139 @@
+"""The `dfj` command. Thin: it parses arguments and calls the library; heavy imports happen inside
+each command so `dfj --help` stays instant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Export, run and verify DeepfakeJudge (Qwen2.5-VL) judges.",
+    pretty_exceptions_enable=False,
+)
+
+COMMANDS = ("judge", "export", "info", "demo")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def judge(
+    artifact: str = typer.Argument(..., help="Judge folder, adapter folder, dfj artifact or Hugging Face id."),
+    image: Path = typer.Option(..., "--image", help="Image file."),
+    label: str = typer.Option(..., "--label", help="Ground-truth label: real, fake or edited."),
+    response: str = typer.Option(..., "--response", help="Detector response (response A for a pairwise judge)."),
+    response_b: Optional[str] = typer.Option(None, "--response-b", help="Response B (pairwise judges)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    runtime: str = typer.Option("torch", help="Runtime: torch."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
+    mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference limit (512 pointwise, 128 pairwise)."),
+) -> None:
+    """Judge one image and response (or pair of responses)."""
+    import dfj
+
+    try:
+        j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens)
+        if j.mode == "pointwise":
+            if response_b is not None:
+                _fail("--response-b is for pairwise judges; this is a pointwise judge")
+            verdict = j.score(image, label, response)
+        else:
+            if response_b is None:
+                _fail("a pairwise judge needs --response-b")
+            verdict = j.compare(image, label, response, response_b)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps({"mode": j.mode, **verdict.to_dict()}, ensure_ascii=False))
+        return
+    from dfj.report import print_verdict
+
+    print_verdict(j.mode, verdict)
+    if verdict.error:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Model folder, adapter folder, dfj artifact or Hugging Face id."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
+    quant: str = typer.Option("none", "--quant", help="Format: none (merged safetensors)."),
+    mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
+    dtype: str = typer.Option("auto", help="Saved dtype: auto (the checkpoint's), float32, bfloat16, float16."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Export a judge: merge its LoRA and write a standalone artifact with a dfj manifest."""
+    from dfj.export import FORMATS, export as run_export
+
+    if quant not in FORMATS:
+        _fail(f"unknown --quant {quant!r}; available: {', '.join(FORMATS)}")
+    try:
+        path = run_export(source, out, quant, mode=mode, dtype=dtype, overwrite=force)
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    from dfj.report import print_manifest
+    from dfj.manifest import read_manifest
+
+    print_manifest(path, read_manifest(path))
+
+
+@app.command()
+def info(
+    artifact: Path = typer.Argument(..., help="A dfj artifact folder."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file against its recorded sha256."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show an artifact's manifest; with --verify, check its files."""
+    from dfj.manifest import ArtifactError, read_manifest, verify as verify_files
+    from dfj.report import print_manifest
+
+    try:
+        manifest = read_manifest(artifact)
+        if manifest is None:
+            _fail(f"{artifact}: no dfj.json; not a dfj artifact")
+            return
+        if verify:
+            verify_files(artifact, manifest)
+    except ArtifactError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        typer.echo(manifest.to_json())
+    else:
+        print_manifest(artifact, manifest)
+    if verify:
+        typer.secho(f"verified: {len(manifest.files)} files match dfj.json", fg=typer.colors.GREEN)
+
+
+@app.command()
+def demo(
+    cache: Optional[Path] = typer.Option(None, help="Work folder (default: $DFJ_CACHE or ~/.cache/dfj)."),
+    records: int = typer.Option(5, help="Records judged per mode."),
+    max_new_tokens: int = typer.Option(64, help="Generation cap for the demo's untrained tiny judges."),
+) -> None:
+    """Build tiny judges and DFJ splits offline, merge their LoRA, check parity and judge a few records."""
+    from dfj.demo import run_demo
+
+    ok = run_demo(cache, records=records, max_new_tokens=max_new_tokens)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

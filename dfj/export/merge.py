@@ -1,0 +1,94 @@
+"""LoRA merge: base + adapter -> a standalone Qwen2.5-VL safetensors judge with a dfj manifest.
+
+The merged model is reloaded from disk and checked against the unmerged base+adapter on a probe
+judge call; the result is recorded in the manifest, and a float32 merge that misses the tolerance is
+an error (nothing is left at the output path).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Any
+
+from dfj import hf, prompts
+from dfj.export.probe import compare_logits, probe_logits
+from dfj.export.staging import staged_folder
+from dfj.images import PixelLimits
+from dfj.manifest import Manifest, sha256_file, write_manifest
+from dfj.sources import Source, resolve
+
+# Max |logit difference| allowed between the merged artifact and base+adapter, by saved dtype.
+MERGE_TOLERANCE = {"float32": 1e-4}
+MIN_COSINE = 0.999  # any dtype
+
+
+def export_merged(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mode: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    limits: PixelLimits | None = None,
+    check: bool = True,
+    **_: Any,
+) -> Path:
+    """Write the merged judge to `out` (atomically) and return its path."""
+    from transformers import AutoProcessor
+
+    resolved = resolve(source, mode=mode)
+    model_dir = resolved.base if resolved.kind == "adapter" else resolved.path
+    saved_dtype = hf.checkpoint_dtype(model_dir) if dtype == "auto" else str(hf.torch_dtype(dtype, "cpu")).removeprefix("torch.")
+    limits = limits or _limits(resolved)
+    with hf.quiet_transformers():
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        model = hf.load_model(model_dir, dtype=hf.torch_dtype(saved_dtype, "cpu"))
+        adapter_info: dict[str, Any] = {}
+        if resolved.kind == "adapter":
+            peft_model = hf.apply_adapter(model, resolved.path)
+            reference = probe_logits(peft_model, processor, resolved.mode) if check else None
+            model = peft_model.merge_and_unload()
+            adapter_info = {
+                "adapter": str(resolved.path),
+                "adapter_layout": hf.adapter_key_layout(resolved.path),
+                "adapter_sha256": sha256_file(resolved.path / hf.ADAPTER_WEIGHTS),
+                "base": str(model_dir),
+            }
+        else:
+            reference = probe_logits(model, processor, resolved.mode) if check else None
+
+        with staged_folder(out, overwrite=overwrite) as work:
+            model.save_pretrained(work)
+            del model
+            gc.collect()
+            processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
+            processor.save_pretrained(work)
+            parity: dict[str, Any] = {}
+            if check:
+                reloaded = hf.load_model(work, dtype=hf.torch_dtype(saved_dtype, "cpu"))
+                parity = compare_logits(reference, probe_logits(reloaded, processor, resolved.mode))
+                del reloaded
+                tolerance = MERGE_TOLERANCE.get(saved_dtype)
+                parity.update(reference="base+adapter" if adapter_info else "source", tolerance=tolerance)
+                if (tolerance is not None and parity["max_abs_diff"] > tolerance) or parity["cosine"] < MIN_COSINE:
+                    raise RuntimeError(f"merged model does not match its source: {parity}")
+            write_manifest(
+                work,
+                Manifest(
+                    mode=resolved.mode,
+                    format="safetensors",
+                    quant="none",
+                    source={"name": resolved.name, "kind": resolved.kind, "dtype": saved_dtype, **adapter_info},
+                    prompt_templates={m: prompts.template_sha256(m) for m in prompts.MODES},
+                    pixels={"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels},
+                    parity=parity,
+                ),
+            )
+    return Path(out).resolve()
+
+
+def _limits(source: Source) -> PixelLimits:
+    pixels = source.manifest.pixels if source.manifest else {}
+    return PixelLimits(**pixels) if pixels else PixelLimits()

@@ -1,0 +1,50 @@
+"""A fixed judge input for checking an exported model against its source, logit for logit.
+
+The probe is a real judge call (synthetic image, filled DFJ prompt, chat template) followed by a short
+judge-style continuation, so it exercises the vision tower, M-RoPE positions and the head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from dfj import prompts
+
+PROBE_CONTINUATION = {
+    "pointwise": "<reasoning>The response names the right class and grounds it.</reasoning>\n<score>4</score>",
+    "pairwise": "<answer>A</answer>",
+}
+
+
+def probe_image(width: int = 84, height: int = 112) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x * y) % 256], axis=-1)
+    return Image.fromarray(rgb.astype("uint8"), "RGB")
+
+
+def probe_chat(mode: str) -> str:
+    response = "<reasoning>Blurred hairline and warped background lines.</reasoning> <answer>fake</answer>"
+    responses = (response,) if mode == "pointwise" else (response, "<reasoning>Looks fine.</reasoning> <answer>real</answer>")
+    return prompts.render_chat(prompts.render(mode, "fake", *responses)) + PROBE_CONTINUATION[mode]
+
+
+def probe_logits(model, processor, mode: str, positions: int = 24):
+    """Logits (float32, CPU) at the last `positions` positions of the probe, for the given HF model."""
+    import torch
+
+    inputs = processor(text=[probe_chat(mode)], images=[probe_image()], return_tensors="pt")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.inference_mode():
+        return model(**inputs, logits_to_keep=positions, use_cache=False).logits[0].float().cpu()
+
+
+def compare_logits(reference, candidate) -> dict[str, float]:
+    import torch
+
+    reference, candidate = reference.double(), candidate.double()
+    diff = (reference - candidate).abs()
+    cosine = torch.nn.functional.cosine_similarity(reference.flatten(), candidate.flatten(), dim=0)
+    same_top = (reference.argmax(-1) == candidate.argmax(-1)).float().mean()
+    return {"max_abs_diff": float(diff.max()), "cosine": float(cosine), "top1_agreement": float(same_top)}

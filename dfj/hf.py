@@ -1,0 +1,166 @@
+"""Hugging Face Qwen2.5-VL checkpoints: strict loading, LoRA adapters and their key layouts.
+
+Shared by the torch runtime and the exporters. Two failure modes of the stack are closed here:
+transformers fills missing weights with random values (a DFJ checkpoint without `lm_head` would judge
+garbage), and peft loads an adapter whose keys do not match the model with only a warning (the
+pre-transformers-5 layout then changes nothing). Both are errors here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from dfj.manifest import ArtifactError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# Adapter keys written against transformers < 5 (Qwen2_5_VLForConditionalGeneration held the text
+# model at `.model` and the tower at `.visual`) -> the transformers 5 module names. Applied by peft
+# after it strips the `base_model.model.` prefix.
+LEGACY_ADAPTER_KEY_MAPPING = {
+    r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+    r"^visual\.": "model.visual.",
+}
+_LEGACY_KEY = re.compile(r"^base_model\.model\.(model\.(layers|embed_tokens|norm)\.|visual\.)")
+
+
+def torch_dtype(name: str | None, device: str):
+    """'float32' / 'bfloat16' / 'float16' / None (fp32 on CPU, bf16 on CUDA) -> torch dtype."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: expected float32, bfloat16 or float16")
+    return table[name]
+
+
+def checkpoint_dtype(folder: Path) -> str:
+    """The dtype the checkpoint's config records (transformers 5 `dtype`, older `torch_dtype`)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    value = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    return str(value or "float32")
+
+
+def load_model(folder: Path, dtype=None, device: str = "cpu"):
+    """Load a Qwen2.5-VL checkpoint; refuse it if any weight the model needs is missing from it."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ArtifactError(f"{folder}: no config.json; not a model folder")
+    if not any(folder.glob("*.safetensors")):
+        raise ArtifactError(f"{folder}: no .safetensors weights (pickle checkpoints are never loaded)")
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder,
+        dtype=dtype if dtype is not None else torch.float32,
+        use_safetensors=True,
+        output_loading_info=True,
+        local_files_only=True,
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ArtifactError(f"{folder}: checkpoint is missing weights the model needs: {shown}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise ArtifactError(f"{folder}: checkpoint weights have the wrong shape: {mismatched[:3]}")
+    return model.to(device).eval()
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable adapter config ({exc})") from None
+
+
+def adapter_key_layout(folder: Path) -> str:
+    """'legacy' for pre-transformers-5 keys (`base_model.model.model.layers.*`), else 'peft'."""
+    from safetensors import safe_open
+
+    with safe_open(Path(folder) / ADAPTER_WEIGHTS, "np") as handle:
+        keys = list(handle.keys())
+    return "legacy" if any(_LEGACY_KEY.match(k) for k in keys) else "peft"
+
+
+def apply_adapter(model, adapter_dir: Path):
+    """Wrap `model` with the LoRA adapter, mapping legacy keys; prove every adapter tensor landed and
+    that the adapter changes the model. Returns the PeftModel."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is never loaded)")
+    config = read_adapter_config(adapter_dir)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ArtifactError(f"{adapter_dir}: only LoRA adapters are supported, not {config.get('peft_type')}")
+    layout = adapter_key_layout(adapter_dir)
+    mapping = LEGACY_ADAPTER_KEY_MAPPING if layout == "legacy" else None
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, key_mapping=mapping, is_trainable=False)
+
+    # Every tensor in the file must have landed in a LoRA parameter of the model, value for value.
+    saved = load_file(weights)
+    params = dict(peft_model.named_parameters())
+    unmatched = []
+    for key, tensor in saved.items():
+        name = _model_param_name(key, mapping)
+        param = params.get(name)
+        if param is None or param.shape != tensor.shape or not torch.equal(param.detach().cpu().to(tensor.dtype), tensor):
+            unmatched.append(key)
+    if unmatched:
+        raise ArtifactError(
+            f"{adapter_dir}: {len(unmatched)} of {len(saved)} adapter tensors did not load into the model "
+            f"(key layout {layout}; first: {unmatched[0]})"
+        )
+    if not any(("lora_B" in k or "lora_A" in k) for k in saved) or all(
+        float(t.abs().max()) == 0.0 for k, t in saved.items() if "lora_B" in k
+    ):
+        raise ArtifactError(f"{adapter_dir}: the adapter changes nothing (every LoRA B matrix is zero)")
+    return peft_model
+
+
+def _model_param_name(key: str, mapping: dict[str, str] | None) -> str:
+    prefix = "base_model.model."
+    inner = key[len(prefix):] if key.startswith(prefix) else key
+    for pattern, replacement in (mapping or {}).items():
+        inner, count = re.subn(pattern, replacement, inner)
+        if count:
+            break
+    # peft inserts the adapter name before `.weight`: lora_A.weight -> lora_A.default.weight
+    inner = re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.", r".\1.default.", inner)
+    if inner.endswith(("lora_embedding_A", "lora_embedding_B")):
+        inner += ".default"
+    return prefix + inner
+
+
+def merge_adapter(model, adapter_dir: Path):
+    """base + adapter -> a plain Qwen2.5-VL model with the LoRA folded into its weights."""
+    return apply_adapter(model, adapter_dir).merge_and_unload()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' per-load progress bars and reports; errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()

@@ -1,0 +1,142 @@
+"""The Judge: one contract over every runtime.
+
+Prompt rendering, the chat layout, image loading, parsing and record handling happen here, once; the
+runtime only runs the model. Single calls raise ValueError on bad input; batch calls never raise for
+a record and never drop one: a record that cannot be judged comes back with `error` set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from dfj import prompts
+from dfj.data import PairwiseRecord, PointwiseRecord, record_from_mapping
+from dfj.images import ImageInput, check_image, load_image
+from dfj.manifest import Manifest
+from dfj.parse import parse_pairwise, parse_pointwise
+from dfj.runtime import Runtime
+from dfj.verdicts import PairwiseVerdict, PointwiseVerdict
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Judge:
+    runtime: Runtime
+    mode: str
+    source: str = ""
+    manifest: Manifest | None = None
+    max_new_tokens: int | None = None  # None: the reference limit for the mode (512 / 128)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        prompts.check_mode(self.mode)
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name
+
+    @property
+    def new_token_limit(self) -> int:
+        return self.max_new_tokens or prompts.MAX_NEW_TOKENS[self.mode]
+
+    # -- single records ------------------------------------------------------------------------
+    def score(self, image: ImageInput, label: str, response: str) -> PointwiseVerdict:
+        self._require("pointwise", "score")
+        pil, chat = self._prepare(image, label, (response,))
+        return parse_pointwise(self.runtime.generate(pil, chat, self.new_token_limit))
+
+    def compare(self, image: ImageInput, label: str, response_a: str, response_b: str) -> PairwiseVerdict:
+        self._require("pairwise", "compare")
+        pil, chat = self._prepare(image, label, (response_a, response_b))
+        return parse_pairwise(self.runtime.generate(pil, chat, self.new_token_limit))
+
+    def logprobs(self, image: ImageInput, label: str, *responses: str, continuation: str) -> np.ndarray:
+        """Teacher-forced log-probabilities (continuation tokens x vocabulary) of `continuation` after
+        the judge prompt: the basis of logit-level parity (KL divergence) between runtimes."""
+        if not isinstance(continuation, str) or not continuation:
+            raise ValueError("continuation must be a non-empty string")
+        pil, chat = self._prepare(image, label, responses)
+        return self.runtime.logprobs(pil, chat, continuation)
+
+    def judge(self, record: Any) -> PointwiseVerdict | PairwiseVerdict:
+        """Judge one record (a dfj record or a mapping) according to the judge's mode."""
+        rec = record_from_mapping(record, self.mode)
+        if isinstance(rec, PointwiseRecord):
+            return self.score(rec.image, rec.label, rec.response)
+        return self.compare(rec.image, rec.label, rec.response_a, rec.response_b)
+
+    # -- batches -------------------------------------------------------------------------------
+    def score_many(self, records: Iterable[Any], progress: Progress | None = None) -> list[PointwiseVerdict]:
+        self._require("pointwise", "score_many")
+        return self._many(records, progress)  # type: ignore[return-value]
+
+    def compare_many(self, records: Iterable[Any], progress: Progress | None = None) -> list[PairwiseVerdict]:
+        self._require("pairwise", "compare_many")
+        return self._many(records, progress)  # type: ignore[return-value]
+
+    def judge_many(self, records: Iterable[Any], progress: Progress | None = None) -> list[PointwiseVerdict | PairwiseVerdict]:
+        return self._many(records, progress)
+
+    def _many(self, records: Iterable[Any], progress: Progress | None) -> list[PointwiseVerdict | PairwiseVerdict]:
+        items = list(records)
+        verdicts = []
+        for index, record in enumerate(items):
+            try:
+                verdicts.append(self.judge(record))
+            except (ValueError, OSError) as exc:
+                verdicts.append(self._failed(index, record, str(exc)))
+            except Exception as exc:  # a runtime failure on one record must not lose the others
+                verdicts.append(self._failed(index, record, f"{type(exc).__name__}: {exc}"))
+            if progress:
+                progress(index + 1, len(items))
+        return verdicts
+
+    def _failed(self, index: int, record: Any, message: str) -> PointwiseVerdict | PairwiseVerdict:
+        line = getattr(record, "line", None)
+        where = f"record {index}" + (f" (line {line})" if line else "")
+        error = f"{where}: {message}"
+        if self.mode == "pointwise":
+            return PointwiseVerdict(score=None, reasoning=None, text="", error=error)
+        return PairwiseVerdict(choice=None, text="", error=error)
+
+    # -- shared preparation --------------------------------------------------------------------
+    def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...]):
+        prompt = prompts.render(self.mode, label, *responses)
+        pil = check_image(load_image(image), self.runtime.limits)
+        return pil, prompts.render_chat(prompt)
+
+    def _require(self, mode: str, method: str) -> None:
+        if self.mode != mode:
+            other = "compare" if mode == "pointwise" else "score"
+            raise ValueError(f"{method}() needs a {mode} judge; this is a {self.mode} judge (use {other}())")
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "mode": self.mode, **self.runtime.describe(), **self.info}
+
+
+def load_judge(
+    source: str,
+    runtime: str = "torch",
+    device: str = "cpu",
+    dtype: str | None = None,
+    mode: str | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    verify: bool = True,
+    **options: Any,
+) -> Judge:
+    """Load a judge from a local folder (merged model, adapter, dfj artifact) or a Hugging Face id.
+
+    `verify=False` skips the checksum pass over the artifact files (it reads every byte).
+    """
+    from dfj import runtime as runtimes
+    from dfj.sources import resolve
+
+    resolved = resolve(source, mode=mode, verify_files=verify)
+    backend = runtimes.create(runtime, resolved, device=device, dtype=dtype, **options)
+    return Judge(runtime=backend, mode=resolved.mode, source=resolved.name, manifest=resolved.manifest,
+                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind})

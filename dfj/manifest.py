@@ -1,0 +1,117 @@
+"""The dfj manifest (`dfj.json`): what an artifact folder is, where it came from, and file checksums.
+
+Every artifact dfj writes carries one; the next step (load, bench, further export) reads it. Loading
+verifies the checksums so that a tampered or truncated file is refused with its name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "dfj.json"
+SCHEMA_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is incomplete, tampered with, or not what it claims to be."""
+
+
+@dataclass
+class Manifest:
+    mode: str
+    format: str  # "safetensors" (HF model folder), "adapter" (peft LoRA); later formats add names
+    quant: str = "none"
+    source: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    prompt_templates: dict[str, str] = field(default_factory=dict)  # mode -> sha256
+    pixels: dict[str, int] = field(default_factory=dict)  # min_pixels / max_pixels
+    parity: dict[str, Any] = field(default_factory=dict)  # measured against the source, if checked
+    extra: dict[str, Any] = field(default_factory=dict)
+    dfj_version: str = ""
+    created: str = ""
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        from dfj import __version__
+        from dfj.prompts import check_mode
+
+        check_mode(self.mode)
+        self.dfj_version = self.dfj_version or __version__
+        self.created = self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_folder(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file below `folder` except the manifest, by POSIX relative path."""
+    folder = Path(folder)
+    hashes: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise ArtifactError(f"{path}: symbolic links are not allowed in an artifact")
+        if path.is_file() and path.name != MANIFEST_NAME:
+            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return hashes
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
+    """Hash the folder's files into the manifest and write it (last, so a partial folder has none)."""
+    manifest.files = hash_folder(folder)
+    target = Path(folder) / MANIFEST_NAME
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, target)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest | None:
+    """The folder's manifest, or None if it has none. A manifest that does not parse is an error."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Manifest(**data)
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable dfj manifest ({exc})") from None
+
+
+def verify(folder: str | os.PathLike, manifest: Manifest | None = None) -> Manifest:
+    """Check every file the manifest lists is present and unchanged; raise ArtifactError naming it."""
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    if manifest is None:
+        raise ArtifactError(f"{folder}: no {MANIFEST_NAME}; not a dfj artifact")
+    if not manifest.files:
+        raise ArtifactError(f"{folder}: {MANIFEST_NAME} lists no files")
+    for name, expected in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ArtifactError(f"{folder}: manifest names a file outside the artifact: {name}")
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: missing file {name}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{folder}: file {name} does not match its checksum (tampered or corrupt)")
+    return manifest
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

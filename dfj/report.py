@@ -1,0 +1,44 @@
+"""Console output shared by the CLI and the demo (rich tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from dfj.manifest import Manifest
+from dfj.verdicts import PairwiseVerdict, PointwiseVerdict
+
+console = Console()
+
+
+def print_verdict(mode: str, verdict: PointwiseVerdict | PairwiseVerdict) -> None:
+    table = Table(show_header=False, box=None)
+    if isinstance(verdict, PointwiseVerdict):
+        table.add_row("score", str(verdict.score) if verdict.score is not None else "-")
+        table.add_row("reasoning", verdict.reasoning or "-")
+    else:
+        table.add_row("choice", verdict.choice or "-")
+    if verdict.error:
+        table.add_row("error", f"[red]{verdict.error}[/red]")
+    table.add_row("output", repr(verdict.text[:300]))
+    console.print(table)
+
+
+def print_manifest(path: str | Path, manifest: Manifest | None) -> None:
+    if manifest is None:
+        console.print(f"{path}: no dfj.json")
+        return
+    table = Table(title=f"dfj artifact {path}", show_header=False)
+    table.add_row("mode", manifest.mode)
+    table.add_row("format", manifest.format)
+    table.add_row("quant", manifest.quant)
+    table.add_row("source", str(manifest.source.get("name", manifest.source.get("kind", ""))))
+    table.add_row("pixels", f"{manifest.pixels.get('min_pixels')}..{manifest.pixels.get('max_pixels')}")
+    size = sum((Path(path) / name).stat().st_size for name in manifest.files if (Path(path) / name).is_file())
+    table.add_row("files", f"{len(manifest.files)} ({size / 1e6:.1f} MB)")
+    if manifest.parity:
+        table.add_row("parity", ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in manifest.parity.items()))
+    table.add_row("dfj", f"{manifest.dfj_version} ({manifest.created})")
+    console.print(table)

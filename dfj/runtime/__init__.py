@@ -1,0 +1,39 @@
+"""Runtimes: each turns (image, chat text) into generated text and teacher-forced log-probabilities.
+
+Prompts, parsing, images and data live in the shared modules; a runtime only runs the model. The
+table maps a runtime name to "module:factory" and is resolved lazily, so `import dfj` pulls in no
+backend library; this is the one place a backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from dfj.runtime.base import Runtime
+
+RUNTIMES: dict[str, str] = {
+    "torch": "dfj.runtime.torch:TorchRuntime",
+}
+
+INSTALL_HINTS: dict[str, str] = {
+    "torch": "pip install 'dfj[torch]'",
+}
+
+
+def runtime_class(name: str) -> type[Runtime]:
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime {name!r}: available {', '.join(sorted(RUNTIMES))}")
+    module_name, attr = RUNTIMES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"the {name} runtime needs packages that are not installed ({exc.name}): {INSTALL_HINTS[name]}") from exc
+    return getattr(module, attr)
+
+
+def create(name: str, source: Any, device: str, dtype: str | None, **options: Any) -> Runtime:
+    return runtime_class(name).load(source, device=device, dtype=dtype, **options)
+
+
+__all__ = ["RUNTIMES", "Runtime", "create", "runtime_class"]

@@ -1,0 +1,107 @@
+"""The reference runtime: transformers Qwen2.5-VL on CPU (fp32/bf16) or CUDA (bf16).
+
+Every processor output goes to the model: without `mm_token_type_ids` transformers 5 silently falls
+back to 1-D positions and every logit after the image is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dfj import hf
+from dfj.images import PixelLimits
+from dfj.runtime.base import Runtime
+from dfj.sources import Source
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def __init__(self, model, processor, device: str, limits: PixelLimits) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.limits = limits
+        image_processor = processor.image_processor
+        # The judge's pixel limits, not whatever the base checkpoint's processor file says.
+        image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
+        tokenizer = processor.tokenizer
+        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")})
+        self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    @classmethod
+    def load(cls, source: Source, device: str = "cpu", dtype: str | None = None, **options: Any) -> "TorchRuntime":
+        from transformers import AutoProcessor
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
+        torch_dtype = hf.torch_dtype(dtype, device)
+        with hf.quiet_transformers():
+            if source.kind == "adapter":
+                # Unmerged base + adapter: the judge exactly as trained, the reference for merges.
+                base = hf.load_model(source.base, dtype=torch_dtype, device=device)
+                model = hf.apply_adapter(base, source.path).eval()
+                processor_dir = source.base
+            else:
+                model = hf.load_model(source.path, dtype=torch_dtype, device=device)
+                processor_dir = source.path
+            processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
+        limits = options.get("limits") or _limits(source)
+        return cls(model, processor, device, limits)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def encode(self, image: Image.Image, chat: str) -> dict[str, torch.Tensor]:
+        inputs = self.processor(text=[chat], images=[image], return_tensors="pt")
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- work ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
+        from transformers import GenerationConfig
+
+        inputs = self.encode(image, chat)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,  # greedy, whatever the checkpoint's generation_config.json says
+            num_beams=1,
+            repetition_penalty=1.0,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+        with hf.quiet_transformers():  # the checkpoint's sampling flags are overridden on purpose
+            output = self.model.generate(**inputs, generation_config=config)
+        new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def logprobs(self, image: Image.Image, chat: str, continuation: str) -> np.ndarray:
+        inputs = self.encode(image, chat)
+        cont = torch.tensor([self.tokenize(continuation)], dtype=inputs["input_ids"].dtype, device=self.device)
+        n = cont.shape[1]
+        if n == 0:
+            raise ValueError("continuation is empty")
+        full = dict(inputs)
+        full["input_ids"] = torch.cat([inputs["input_ids"], cont], dim=1)
+        full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], dim=1)
+        # Only the positions that predict the continuation: the full-vocabulary head on every prompt
+        # position would cost as much as the layers.
+        logits = self.model(**full, logits_to_keep=n + 1, use_cache=False).logits[0, :n]
+        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype)}
+
+
+def _limits(source: Source) -> PixelLimits:
+    pixels = source.manifest.pixels if source.manifest else {}
+    return PixelLimits(**pixels) if pixels else PixelLimits()
