@@ -7,6 +7,7 @@ a record and never drop one: a record that cannot be judged comes back with `err
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -137,6 +138,13 @@ def load_judge(
     from dfj.sources import resolve
 
     resolved = resolve(source, mode=mode, verify_files=verify)
+    recorded = (resolved.manifest.prompt_templates if resolved.manifest else {}).get(resolved.mode)
+    if recorded and recorded != prompts.template_sha256(resolved.mode):
+        warnings.warn(
+            f"{source} was exported with a different {resolved.mode} prompt template than this dfj ships; "
+            "its verdicts may differ from the ones it was checked with",
+            stacklevel=2,
+        )
     backend = runtimes.create(runtime, resolved, device=device, dtype=dtype, **options)
     return Judge(runtime=backend, mode=resolved.mode, source=resolved.name, manifest=resolved.manifest,
                  max_new_tokens=max_new_tokens, info={"kind": resolved.kind})

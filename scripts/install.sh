@@ -15,7 +15,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
 fi
 # torch 2.14.1 + torchvision 0.29.1: transformers 5 needs a working torchvision for the Qwen2.5-VL
 # processor, and this pair is the one that installs together here (see README, "Versions").
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[all]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+if ! .venv/bin/python -m pip install --disable-pip-version-check -e '.[all]' > .venv/install.log 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" .venv/install.log | tail -40
+    echo "dfj: install failed (full log: .venv/install.log)" >&2
+    exit 1
+fi
 .venv/bin/python -c "import dfj, torch, torchvision, transformers, peft" 
 echo "$want" > "$stamp"
 echo "dfj: .venv ready"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATS: dict[str, str] = {
-    "none": "dfj.export.merge:export_merged",
+    "none": "dfj.export.lora_merge:export_merged",
 }
 
 

@@ -1,4 +1,7 @@
-"""The runtime interface every backend implements."""
+"""The runtime interface every backend implements: token ids in, token ids and log-probabilities out.
+
+Text-level helpers (`generate`, `logprobs`) are defined here once on top of the token-level methods.
+"""
 
 from __future__ import annotations
 
@@ -23,16 +26,29 @@ class Runtime(ABC):
         """Build the runtime from a resolved `dfj.sources.Source`."""
 
     @abstractmethod
-    def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
-        """Greedy continuation of `chat` (special tokens removed)."""
-
-    @abstractmethod
-    def logprobs(self, image: Image.Image, chat: str, continuation: str) -> np.ndarray:
-        """(len(continuation tokens), vocab) float32 log-probabilities, teacher-forced."""
-
-    @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of plain text (special-token strings recognised), no image expansion."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, special tokens removed."""
+
+    @abstractmethod
+    def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
+        """Greedy continuation of `chat`, without the stop token."""
+
+    @abstractmethod
+    def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 log-probabilities of each position, teacher-forced on `ids`."""
+
+    def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
+        return self.decode(self.generate_ids(image, chat, max_new_tokens))
+
+    def logprobs(self, image: Image.Image, chat: str, continuation: str) -> np.ndarray:
+        ids = self.tokenize(continuation)
+        if not ids:
+            raise ValueError("continuation is empty")
+        return self.logprobs_ids(image, chat, ids)
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name}

@@ -62,9 +62,12 @@ class TorchRuntime(Runtime):
     def tokenize(self, text: str) -> list[int]:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
     # -- work ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
+    def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
         from transformers import GenerationConfig
 
         inputs = self.encode(image, chat)
@@ -78,16 +81,14 @@ class TorchRuntime(Runtime):
         )
         with hf.quiet_transformers():  # the checkpoint's sampling flags are overridden on purpose
             output = self.model.generate(**inputs, generation_config=config)
-        new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        ids = output[0, inputs["input_ids"].shape[1]:].tolist()
+        return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
 
     @torch.inference_mode()
-    def logprobs(self, image: Image.Image, chat: str, continuation: str) -> np.ndarray:
+    def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
         inputs = self.encode(image, chat)
-        cont = torch.tensor([self.tokenize(continuation)], dtype=inputs["input_ids"].dtype, device=self.device)
+        cont = torch.tensor([ids], dtype=inputs["input_ids"].dtype, device=self.device)
         n = cont.shape[1]
-        if n == 0:
-            raise ValueError("continuation is empty")
         full = dict(inputs)
         full["input_ids"] = torch.cat([inputs["input_ids"], cont], dim=1)
         full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)

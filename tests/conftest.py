@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny judges and splits are built once per session, then reused read-only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Lazily built tiny judges: tiny('pointwise', adapter=True, adapter_layout='legacy') -> folder."""
+    from dfj.testing import build_tiny_judge
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[tuple, Path] = {}
+
+    def get(mode: str = "pointwise", adapter: bool = False, **kwargs) -> Path:
+        key = (mode, adapter, tuple(sorted(kwargs.items())))
+        if key not in built:
+            name = "-".join([mode, "adapter" if adapter else "model"] + [f"{k}={v}" for k, v in sorted(kwargs.items())])
+            built[key] = build_tiny_judge(root / name, mode, adapter=adapter, **kwargs)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory):
+    from dfj.testing import build_tiny_dataset
+
+    root = tmp_path_factory.mktemp("splits")
+    built: dict[tuple, Path] = {}
+
+    def get(mode: str = "pointwise", n: int = 10) -> Path:
+        if (mode, n) not in built:
+            built[(mode, n)] = build_tiny_dataset(root / f"{mode}-{n}", mode, n)
+        return built[(mode, n)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def merged(tiny, tmp_path_factory):
+    """Merged artifacts of the tiny adapters, per mode."""
+    from dfj.export import merge
+
+    root = tmp_path_factory.mktemp("merged")
+    built: dict[str, Path] = {}
+
+    def get(mode: str = "pointwise") -> Path:
+        if mode not in built:
+            built[mode] = merge(tiny(mode, adapter=True), root / mode)
+        return built[mode]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def judges():
+    """Loaded judges, cached per (source, options): loading is the slow part of many tests."""
+    import dfj
+
+    cache: dict[tuple, object] = {}
+
+    def get(source, **options):
+        key = (str(source), tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = dfj.load_judge(str(source), **options)
+        return cache[key]
+
+    return get
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where torch sees a CUDA device (the lent device machine), and only there."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; run on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

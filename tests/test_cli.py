@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dfj.cli import COMMANDS, app
+
+runner = CliRunner()
+
+
+def test_command_list_is_pinned():
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert names == set(COMMANDS) == {"judge", "export", "info", "demo"}
+
+
+def test_help_is_instant_and_imports_no_heavy_library():
+    code = "import sys, dfj, dfj.cli; heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    result = subprocess.run([sys.executable, "-m", "dfj.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_export_rejects_unknown_formats(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path), "-o", str(tmp_path / "o"), "--quant", "int3"])
+    assert result.exit_code == 2 and "unknown --quant" in result.output
+
+
+def test_info_on_a_non_artifact(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "not a dfj artifact" in result.output
+
+
+@pytest.mark.slow
+def test_export_info_and_judge_end_to_end(tiny, tiny_split, tmp_path):
+    from dfj.data import read_split
+
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["export", str(tiny("pointwise", adapter=True)), "-o", str(out), "--quant", "none"])
+    assert result.exit_code == 0, result.output
+    assert (out / "dfj.json").is_file()
+    result = runner.invoke(app, ["info", str(out), "--verify"])
+    assert result.exit_code == 0 and "verified: 7 files" in result.output
+    result = runner.invoke(app, ["export", str(tiny("pointwise", adapter=True)), "-o", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+    record = read_split(tiny_split("pointwise", 10)).records[0]
+    args = ["--image", record.image, "--label", record.label, "--response", record.response, "--max-new-tokens", "8"]
+    result = runner.invoke(app, ["judge", str(out), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert set(payload) == {"mode", "score", "reasoning", "text", "error"} and payload["mode"] == "pointwise"
+    reference = runner.invoke(app, ["judge", str(tiny("pointwise", adapter=True)), *args, "--json"])
+    assert json.loads(reference.output) == payload  # the merged artifact judges as base+adapter does
+    result = runner.invoke(app, ["judge", str(out), *args, "--response-b", "x"])
+    assert result.exit_code == 2 and "pointwise judge" in result.output
+    result = runner.invoke(app, ["judge", str(out), *args[:2], "--label", "unsure", "--response", "x"])
+    assert result.exit_code == 2 and "unknown label" in result.output
+
+    (out / "config.json").write_text("{}")
+    result = runner.invoke(app, ["info", str(out), "--verify"])
+    assert result.exit_code == 2 and "config.json does not match" in result.output
