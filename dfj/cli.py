@@ -120,13 +120,13 @@ def info(
 @app.command()
 def demo(
     cache: Optional[Path] = typer.Option(None, help="Work folder (default: $DFJ_CACHE or ~/.cache/dfj)."),
-    records: int = typer.Option(5, help="Records judged per mode."),
-    max_new_tokens: int = typer.Option(64, help="Generation cap for the demo's untrained tiny judges."),
+    records: int = typer.Option(20, help="Held-out test records judged per mode."),
 ) -> None:
-    """Build tiny judges and DFJ splits offline, merge their LoRA, check parity and judge a few records."""
+    """Trained tiny DFJ judges (built offline once per machine): merge their LoRA, judge held-out
+    records with base+LoRA and with the merged artifact, and compare."""
     from dfj.demo import run_demo
 
-    ok = run_demo(cache, records=records, max_new_tokens=max_new_tokens)
+    ok = run_demo(cache, records=records)
     if not ok:
         raise typer.Exit(1)
 

@@ -42,3 +42,26 @@ def print_manifest(path: str | Path, manifest: Manifest | None) -> None:
         table.add_row("parity", ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in manifest.parity.items()))
     table.add_row("dfj", f"{manifest.dfj_version} ({manifest.created})")
     console.print(table)
+
+
+class progress_bar:
+    """A rich progress bar usable as a `(done, total)` callback: `with progress_bar("judging") as cb:`."""
+
+    def __init__(self, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=console, transient=True)
+        self._description = description
+        self._task = None
+
+    def __enter__(self):
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self._description, total=None)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)

@@ -289,3 +289,37 @@ def build_tiny_dataset(path: str | os.PathLike, mode: str, n: int, seed: int = 0
         lines.append(json.dumps(record, ensure_ascii=False))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Trained tiny judges (dfj.training): built once per machine, then reused from the cache.
+
+def trained_tiny_root(seed: int = 0) -> Path:
+    """Build the trained tiny judges on first use (under a lock) and return their folder."""
+    import fcntl
+
+    from dfj.demo import default_cache
+    from dfj.training import TRAINED_VERSION, TrainSettings, build_trained_judges
+
+    root = default_cache() / f"trained-v{TRAINED_VERSION}-seed{seed}"
+    if (root / "metrics.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build
+        if not (root / "metrics.json").is_file():
+            print(f"dfj: training the tiny DFJ judges into {root} (once per machine, about 10 minutes on 2 cores)")
+            build_trained_judges(root, TrainSettings(seed=seed))
+    return root
+
+
+def trained_tiny_judge(mode: str, seed: int = 0) -> Path:
+    """The trained tiny LoRA judge for `mode` (an adapter folder naming its base)."""
+    return trained_tiny_root(seed) / f"{prompts.check_mode(mode)}-adapter"
+
+
+def trained_tiny_split(mode: str, split: str = "test", seed: int = 0) -> Path:
+    """The synthetic DFJ split the trained judges were trained ('train') or evaluated ('test') on."""
+    if split not in ("train", "test"):
+        raise ValueError("split is 'train' or 'test'")
+    return trained_tiny_root(seed) / "splits" / prompts.check_mode(mode) / split

@@ -1,0 +1,1 @@
+"""Quality and parity measurement of exported judges."""

@@ -1,0 +1,170 @@
+"""A synthetic DFJ-like task whose verdicts need the pixels.
+
+Real images are clean procedural scenes (smooth gradients and shaded shapes). Fake and edited images
+carry one planted artifact — a colour blotch, a texture patch or a stripe seam — in one quadrant.
+Detector responses are written by rules at five quality levels, in DFJ's
+`<reasoning>…</reasoning> <answer>…</answer>` style:
+
+  5  right label, right artifact type, right region
+  4  right label, right artifact type, wrong region (a small slip)
+  3  right label, wrong artifact type (weak grounding) or, for real images, vague
+  2  wrong label with a valid detail (the artifact that is there) or, for real images, hedged
+  1  wrong label with a hallucinated detail
+
+Telling 5 from 3, or 2 from 1, needs the image: the text alone does not say which artifact is there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dfj import prompts
+
+ARTIFACTS = ("colour", "texture", "seam")
+REGIONS = ("upper left", "upper right", "lower left", "lower right")
+IMAGE_SIZE = 112  # 8 x 8 patches -> 16 image tokens after the 2 x 2 merge
+
+_ARTIFACT_WORDS = {
+    "colour": ["an oversaturated colour blotch", "a colour inconsistency", "an unnatural colour patch"],
+    "texture": ["a noisy checkerboard texture", "a texture artifact", "a repeated high-frequency texture"],
+    "seam": ["a striped blending seam", "a visible blending seam", "stripe-like splicing marks"],
+}
+_SCENES = ["the scene", "the image", "the picture", "this photo"]
+
+
+@dataclass
+class Scene:
+    label: str  # real / fake / edited
+    artifact: str | None
+    region: str | None
+
+
+def render_image(rng: random.Random, scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    nprng = np.random.default_rng(rng.randrange(1 << 31))
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = nprng.uniform(40, 215, 3), nprng.uniform(40, 215, 3)
+    angle = nprng.uniform(0, np.pi)
+    t = (np.cos(angle) * x + np.sin(angle) * y + 1) / 2
+    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+    for _ in range(nprng.integers(1, 4)):  # shaded discs: smooth, consistent lighting
+        cx, cy, r = nprng.uniform(0.2, 0.8), nprng.uniform(0.2, 0.8), nprng.uniform(0.08, 0.2)
+        d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        shade = np.clip(1 - d / r, 0, 1)[..., None]
+        img = img * (1 - 0.5 * shade) + nprng.uniform(60, 200, 3)[None, None] * 0.5 * shade
+    img += nprng.normal(0, 2.0, img.shape)
+    if scene.artifact:
+        half = size // 2
+        row = 0 if scene.region.startswith("upper") else half
+        col = 0 if scene.region.endswith("left") else half
+        ph = pw = int(half * 0.7)
+        top = row + nprng.integers(0, half - ph + 1)
+        left = col + nprng.integers(0, half - pw + 1)
+        patch = img[top:top + ph, left:left + pw]
+        if scene.artifact == "colour":
+            patch[:] = np.array([255, 0, 255] if nprng.random() < 0.5 else [0, 255, 0], dtype=np.float32)
+            patch += nprng.normal(0, 6, patch.shape)
+        elif scene.artifact == "texture":
+            yy, xx = np.mgrid[0:ph, 0:pw]
+            patch[:] = (((yy // 2 + xx // 2) % 2) * 255.0)[..., None]
+        else:  # seam: bright horizontal stripes blended over the scene
+            yy = np.mgrid[0:ph, 0:pw][0]
+            stripes = ((yy // 3) % 2).astype(np.float32)[..., None]
+            patch[:] = patch * (1 - stripes) + 255.0 * stripes
+    return Image.fromarray(np.clip(img, 0, 255).astype("uint8"), "RGB")
+
+
+def _other(rng: random.Random, options, value):
+    return rng.choice([o for o in options if o != value])
+
+
+def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
+    """A detector response of quality `level` (1-5) for `scene`, in DFJ's tag format."""
+    where = rng.choice(_SCENES)
+    if scene.artifact is None:  # real image
+        if level == 5:
+            why = f"Lighting, shading and textures in {where} are consistent; no artifact is visible in any region."
+        elif level == 4:
+            why = f"{where.capitalize()} looks natural overall, with consistent shading, though the {rng.choice(REGIONS)} is slightly noisy."
+        elif level == 3:
+            why = f"Nothing obviously wrong with {where}, so it is probably authentic."
+        elif level == 2:
+            why = f"{where.capitalize()} might be generated; something feels slightly off, but I am not sure."
+        else:
+            art = rng.choice(ARTIFACTS)
+            why = f"There is {rng.choice(_ARTIFACT_WORDS[art])} in the {rng.choice(REGIONS)} of {where}, a clear sign of generation."
+        answer = "real" if level >= 3 else "fake"
+        return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
+    art, region = scene.artifact, scene.region
+    # Levels 3-5 share their wording; only whether the cited type and region match the image differs.
+    opener = rng.choice(["There is", "I notice", "I see"])
+    if level == 5:
+        why = f"{opener} {rng.choice(_ARTIFACT_WORDS[art])} in the {region} of {where}, which indicates manipulation."
+    elif level == 4:
+        why = f"{opener} {rng.choice(_ARTIFACT_WORDS[art])} in the {_other(rng, REGIONS, region)} of {where}, which indicates manipulation."
+    elif level == 3:
+        wrong = _other(rng, ARTIFACTS, art)
+        why = f"{opener} {rng.choice(_ARTIFACT_WORDS[wrong])} in the {region} of {where}, which indicates manipulation."
+    elif level == 2:
+        why = f"Apart from {rng.choice(_ARTIFACT_WORDS[art])} in the {region}, {where} looks consistent, so it is authentic."
+    else:
+        wrong = _other(rng, ARTIFACTS, art)
+        why = f"Apart from {rng.choice(_ARTIFACT_WORDS[wrong])} in the {_other(rng, REGIONS, region)}, {where} looks consistent, so it is authentic."
+    answer = "fake" if level >= 3 else "real"
+    return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
+
+
+_GOLD_REASONS = {
+    5: "Correct class, and the cited artifact and region match the image.",
+    4: "Correct class and artifact, but the region is wrong.",
+    3: "Correct class, but the cited evidence does not match the image.",
+    2: "Wrong class, though the cited detail is really there.",
+    1: "Wrong class with hallucinated evidence.",
+}
+
+
+def gold_pointwise(level: int) -> str:
+    return f"<reasoning>{_GOLD_REASONS[level]}</reasoning>\n<score>{level}</score>"
+
+
+def random_scene(rng: random.Random) -> Scene:
+    label = rng.choice(prompts.LABELS)
+    if label == "real":
+        return Scene(label, None, None)
+    return Scene(label, rng.choice(ARTIFACTS), rng.choice(REGIONS))
+
+
+def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: int, seed: int) -> Path:
+    """Write a DFJ-layout split: `images` images, `per_image` records each (ms-swift messages)."""
+    prompts.check_mode(mode)
+    out = Path(path)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"dfj-synthetic-{mode}-{seed}")
+    lines = []
+    for i in range(images):
+        scene = random_scene(rng)
+        name = f"images/{i:05d}.png"
+        render_image(rng, scene).save(out / name)
+        for _ in range(per_image):
+            if mode == "pointwise":
+                level = rng.randint(1, 5)
+                prompt = prompts.render_pointwise(scene.label, detector_response(rng, scene, level))
+                gold = gold_pointwise(level)
+            else:
+                la, lb = rng.sample(range(1, 6), 2)
+                prompt = prompts.render_pairwise(
+                    scene.label, detector_response(rng, scene, la), detector_response(rng, scene, lb)
+                )
+                gold = f"<answer>{'A' if la > lb else 'B'}</answer>"
+            lines.append(json.dumps({
+                "messages": [{"role": "user", "content": "<image>" + prompt}, {"role": "assistant", "content": gold}],
+                "images": [name],
+                "meta": {"artifact": scene.artifact, "region": scene.region},
+            }))
+    (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out

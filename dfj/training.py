@@ -1,0 +1,333 @@
+"""Train small DFJ-like judges on CPU, mirroring the real recipe at small scale.
+
+1. Base: a small Qwen2.5-VL (real architecture, real tokenizer) trained from scratch, vision tower
+   included, to describe the synthetic images ("There is a texture artifact in the upper left.").
+2. Judges: a LoRA on the language model only (vision tower frozen, as ms-swift's --freeze_vit),
+   trained on DFJ prompts and gold judge outputs, one adapter per mode.
+
+Loss is taken only on the assistant tokens, and the output head is applied only there: the head over
+152k tokens on every prompt position would cost more than the layers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dfj import prompts
+from dfj.data import read_split
+from dfj.images import load_image
+from dfj.synthetic import ARTIFACTS, REGIONS, _ARTIFACT_WORDS, random_scene, render_image
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 0
+    base_steps: int = 1200
+    base_batch: int = 16
+    base_lr: float = 2e-3
+    judge_steps: dict[str, int] | None = None  # per mode; defaults in __post_init__
+    judge_batch: int = 8
+    judge_lr: float = 1e-3
+    lora_rank: int = 16
+    train_images: int = 800
+    threads: int | None = None
+    blank_control_records: int = 100
+
+    def __post_init__(self) -> None:
+        self.judge_steps = self.judge_steps or {"pointwise": 350, "pairwise": 450}
+
+
+def _batch(processor, chats: list[str], targets: list[str], images: list):
+    """Tokenize each (chat, target) pair; pad on the right; return inputs and target positions."""
+    import torch
+
+    rows = []
+    for chat, target, image in zip(chats, targets, images):
+        enc = processor(text=[chat + target], images=[image], return_tensors="pt")
+        prompt_len = processor(text=[chat], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        rows.append((enc, prompt_len))
+    width = max(enc["input_ids"].shape[1] for enc, _ in rows)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    mm = torch.zeros((len(rows), width), dtype=torch.long)
+    positions, labels = [], []
+    for i, (enc, prompt_len) in enumerate(rows):
+        n = enc["input_ids"].shape[1]
+        ids[i, :n] = enc["input_ids"][0]
+        mask[i, :n] = 1
+        mm[i, :n] = enc["mm_token_type_ids"][0]
+        for pos in range(prompt_len, n):  # position pos-1 predicts token pos
+            positions.append((i, pos - 1))
+            labels.append(int(enc["input_ids"][0, pos]))
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": mm,
+        "pixel_values": torch.cat([enc["pixel_values"] for enc, _ in rows]),
+        "image_grid_thw": torch.cat([enc["image_grid_thw"] for enc, _ in rows]),
+    }
+    return inputs, torch.tensor(positions), torch.tensor(labels)
+
+
+def _loss(model, inputs, positions, labels, vocab=None):
+    """Cross-entropy at the target positions; over `vocab` (sorted token ids) only, if given."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = inner.model(**inputs, use_cache=False).last_hidden_state
+    picked = hidden[positions[:, 0], positions[:, 1]]
+    if vocab is None:
+        return torch.nn.functional.cross_entropy(inner.lm_head(picked).float(), labels)
+    logits = picked @ inner.lm_head.weight[vocab].T
+    return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels))
+
+
+def _schedule(step: int, total: int, warmup: int = 20) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+DESCRIBE = "Describe any manipulation artifact in the image, naming its type and region."
+
+
+def _base_example(rng: random.Random):
+    """One pretraining example: (image, question, answer).
+
+    Two tasks, as a general VLM would know them before DFJ fine-tuning: describing the artifact, and
+    checking a claim about it against the image (the skill a judge needs to grade a response).
+    """
+    scene = random_scene(rng)
+    image = render_image(rng, scene)
+    if rng.random() < 0.4:
+        if scene.artifact is None:
+            answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
+        else:
+            answer = f"There is {rng.choice(_ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
+        return image, DESCRIBE, answer
+    kind = rng.choice(ARTIFACTS) if scene.artifact is None else rng.choice(["right", "type", "region"])
+    if scene.artifact is None:
+        claim_type, claim_region, answer = kind, rng.choice(REGIONS), "No, there is no artifact in the image."
+    elif kind == "right":
+        claim_type, claim_region, answer = scene.artifact, scene.region, "Yes, the type and the region are right."
+    elif kind == "type":
+        claim_type = rng.choice([a for a in ARTIFACTS if a != scene.artifact])
+        claim_region, answer = scene.region, "No, the region is right but the type is wrong."
+    else:
+        claim_type, claim_region = scene.artifact, rng.choice([r for r in REGIONS if r != scene.region])
+        answer = "No, the type is right but the region is wrong."
+    question = f"Is there {rng.choice(_ARTIFACT_WORDS[claim_type])} in the {claim_region} of the image?"
+    return image, question, answer
+
+
+def train_base(model, processor, settings: TrainSettings, log: Log = print) -> None:
+    """Phase 1, from scratch: the vision tower and the transformer layers, on the pretraining tasks.
+
+    Token embeddings and the output head keep their random initialisation (fixed random codes the
+    layers learn to read and write), and the loss is a softmax over the tokens of the task only:
+    both keep a 152k-row vocabulary from dominating the cost on CPU. The judge phase then trains
+    against the full vocabulary.
+    """
+    import torch
+
+    rng = random.Random(f"base-{settings.seed}")
+    pool = [(image, prompts.render_chat(question), answer) for image, question, answer in
+            (_base_example(rng) for _ in range(settings.train_images))]
+    tokenizer = processor.tokenizer
+    task_text = [chat + answer for _, chat, answer in pool] + ["<|im_end|>"]
+    vocab = torch.tensor(sorted({i for text in task_text for i in tokenizer(text)["input_ids"]}))
+    inner = model.model.language_model
+    inner.embed_tokens.weight.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.base_lr, weight_decay=0.0)
+    model.train()
+    started = time.perf_counter()
+    for step in range(settings.base_steps):
+        batch = [pool[rng.randrange(len(pool))] for _ in range(settings.base_batch)]
+        inputs, positions, labels = _batch(processor, [c for _, c, _ in batch], [a + "<|im_end|>" for _, _, a in batch],
+                                           [i for i, _, _ in batch])
+        for group in optimizer.param_groups:
+            group["lr"] = settings.base_lr * _schedule(step, settings.base_steps)
+        loss = _loss(model, inputs, positions, labels, vocab)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == settings.base_steps - 1:
+            log(f"base step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+    inner.embed_tokens.weight.requires_grad_(True)
+    model.lm_head.weight.requires_grad_(True)
+    model.eval()
+
+
+def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings, log: Log = print) -> None:
+    """Phase 2: the LoRA only, on DFJ prompts and gold judge outputs from a DFJ split."""
+    import torch
+
+    split = read_split(split_dir)
+    if split.errors:
+        raise ValueError(f"training split has bad lines: {split.errors[:3]}")
+    rng = random.Random(f"judge-{split.mode}-{settings.seed}")
+    records = split.records
+    golds = _gold_texts(split_dir)
+    images: dict[str, object] = {}
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.judge_lr, weight_decay=0.0)
+    peft_model.train()
+    started = time.perf_counter()
+    total = settings.judge_steps[split.mode]
+    for step in range(total):
+        picks = [rng.randrange(len(records)) for _ in range(settings.judge_batch)]
+        chats, targets, pils = [], [], []
+        for index in picks:
+            record = records[index]
+            chats.append(prompts.render_chat(prompts.render(split.mode, record.label, *record.responses())))
+            targets.append(golds[record.line] + "<|im_end|>")
+            if record.image not in images:
+                images[record.image] = load_image(record.image)
+            pils.append(images[record.image])
+        inputs, positions, labels = _batch(processor, chats, targets, pils)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.judge_lr * _schedule(step, total)
+        loss = _loss(peft_model, inputs, positions, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == total - 1:
+            log(f"{split.mode} judge step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+    peft_model.eval()
+
+
+def _gold_texts(split_dir: Path) -> dict[int, str]:
+    import json
+
+    golds = {}
+    with open(Path(split_dir) / "data.jsonl", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                golds[number] = json.loads(line)["messages"][-1]["content"]
+    return golds
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole recipe, cached
+
+TRAINED_VERSION = "2"  # bump when the data, model or recipe changes: cached judges are rebuilt
+SPLIT_SHAPE = {  # (images, records per image) as the DFJ test sets: 5 responses / 10 pairs per image
+    ("pointwise", "train"): (240, 5),
+    ("pointwise", "test"): (40, 5),
+    ("pairwise", "train"): (120, 10),
+    ("pairwise", "test"): (20, 10),
+}
+
+
+def build_trained_judges(root: str | Path, settings: TrainSettings | None = None, log: Log = print) -> Path:
+    """Train the base and both LoRA judges, evaluate them, and write everything under `root` atomically.
+
+    Layout: base/, {mode}-adapter/ (names ../base), splits/{mode}/{train,test}/, metrics.json.
+    """
+    import json
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from dfj.export.staging import staged_folder
+    from dfj.hf import quiet_transformers
+    from dfj.manifest import Manifest, write_manifest
+    from dfj.synthetic import build_synthetic_split
+    from dfj.testing import _generation_config, tiny_config, write_processor
+
+    settings = settings or TrainSettings()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with staged_folder(root, overwrite=True) as work, quiet_transformers():
+        for (mode, split), (images, per_image) in SPLIT_SHAPE.items():
+            build_synthetic_split(work / "splits" / mode / split, mode, images, per_image,
+                                  seed=settings.seed * 100 + (0 if split == "train" else 1))
+        base_dir = work / "base"
+        write_processor(base_dir)
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(base_dir)
+        torch.manual_seed(settings.seed)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config()).to(torch.float32)
+        model.generation_config = _generation_config()
+        t0 = time.perf_counter()
+        train_base(model, processor, settings, log)
+        timings["base_s"] = time.perf_counter() - t0
+        model.save_pretrained(base_dir)
+
+        from peft import LoraConfig, get_peft_model
+
+        from dfj.testing import LORA_EXCLUDE, LORA_TARGETS
+
+        for mode in prompts.MODES:
+            base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+            config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LORA_TARGETS,
+                                exclude_modules=LORA_EXCLUDE, lora_dropout=0.0, task_type="CAUSAL_LM")
+            torch.manual_seed(settings.seed + 1)
+            peft_model = get_peft_model(base, config)
+            t0 = time.perf_counter()
+            train_judge(peft_model, processor, work / "splits" / mode / "train", settings, log)
+            timings[f"{mode}_judge_s"] = time.perf_counter() - t0
+            adapter = work / f"{mode}-adapter"
+            peft_model.save_pretrained(adapter)
+            cfg_path = adapter / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = "../base"
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+            write_manifest(adapter, Manifest(
+                mode=mode, format="adapter",
+                source={"kind": "dfj.training", "version": TRAINED_VERSION, "seed": settings.seed},
+                prompt_templates={m: prompts.template_sha256(m) for m in prompts.MODES},
+                pixels={"min_pixels": 3136, "max_pixels": 1003520},
+            ))
+        timings["train_total_s"] = time.perf_counter() - started
+        metrics = {"timings": timings, "settings": settings.__dict__}
+        for mode in prompts.MODES:
+            t0 = time.perf_counter()
+            metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test",
+                                     blank_records=settings.blank_control_records)
+            timings[f"{mode}_eval_s"] = time.perf_counter() - t0
+            log(f"{mode}: {metrics[mode]}")
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return Path(root)
+
+
+def evaluate(judge_dir: Path, split_dir: Path, blank_records: int | None = None) -> dict:
+    """Quality of a judge on a split, with the image, and with the image blanked (the control) on the
+    first `blank_records` records; the with-image metrics are reported on that subset too."""
+    from PIL import Image
+
+    import dfj
+    from dfj.bench.metrics import pairwise_quality, pointwise_quality
+
+    judge = dfj.load_judge(str(judge_dir))
+    split = read_split(split_dir)
+    records = split.records
+    blank = [dict(image=Image.new("RGB", Image.open(r.image).size, (128, 128, 128)), label=r.label,
+                  **({"response": r.response} if split.mode == "pointwise" else {"response_a": r.response_a, "response_b": r.response_b}))
+             for r in records[:blank_records]]
+    result = {}
+    verdicts = judge.judge_many(records)
+    blank_verdicts = judge.judge_many(blank)
+    k = len(blank)
+    for name, got, gold in (("with_image", verdicts, records), ("with_image_subset", verdicts[:k], records[:k]),
+                            ("blank_image", blank_verdicts, records[:k])):
+        if split.mode == "pointwise":
+            result[name] = pointwise_quality([v.score for v in got], [r.gold_score for r in gold]).to_dict()
+        else:
+            result[name] = pairwise_quality([v.choice for v in got], [r.gold_choice for r in gold]).to_dict()
+    return result

@@ -1,0 +1,75 @@
+"""The trained tiny judges (issue: quality numbers that mean something without the real weights).
+
+The first run on a machine trains them (about 10 minutes on 2 cores) into the dfj cache; later runs
+reuse them. The metrics are measured here, on the held-out synthetic test split, with greedy verdicts.
+"""
+
+import json
+import random
+
+import pytest
+
+from dfj.data import read_split
+from dfj.synthetic import Scene, detector_response
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    from dfj.testing import trained_tiny_root
+
+    return json.loads((trained_tiny_root() / "metrics.json").read_text())
+
+
+def test_pointwise_judge_quality(metrics):
+    q = metrics["pointwise"]["with_image"]
+    assert q["pearson"] >= 0.8 and q["rmse"] <= 0.8, q
+    assert q["parse_failure_rate"] <= 0.02, q
+
+
+def test_pairwise_judge_accuracy(metrics):
+    q = metrics["pairwise"]["with_image"]
+    assert q["accuracy"] >= 0.85, q
+
+
+def test_the_judges_use_the_image(metrics):
+    """Same records, image replaced by flat grey: clearly worse."""
+    point, blank = metrics["pointwise"]["with_image_subset"], metrics["pointwise"]["blank_image"]
+    assert blank["n"] == point["n"] == 100
+    assert blank["rmse"] >= point["rmse"] + 0.25 and blank["pearson"] <= point["pearson"] - 0.1, (point, blank)
+    pair, pair_blank = metrics["pairwise"]["with_image_subset"], metrics["pairwise"]["blank_image"]
+    assert pair_blank["accuracy"] <= pair["accuracy"] - 0.05, (pair, pair_blank)
+
+
+def test_metrics_are_reproduced_by_a_fresh_evaluation():
+    """The cached numbers are what the judge really does: re-judge part of the test split now."""
+    import dfj
+    from dfj.testing import trained_tiny_judge, trained_tiny_split
+
+    judge = dfj.load_judge(str(trained_tiny_judge("pairwise")))
+    records = read_split(trained_tiny_split("pairwise")).records[:40]
+    verdicts = judge.compare_many(records)
+    accuracy = sum(v.choice == r.gold_choice for v, r in zip(verdicts, records)) / len(records)
+    assert accuracy >= 0.8
+
+
+def test_splits_are_dfj_layout_and_held_out():
+    from dfj.testing import trained_tiny_split
+
+    for mode, per_image in (("pointwise", 5), ("pairwise", 10)):
+        train, test = read_split(trained_tiny_split(mode, "train")), read_split(trained_tiny_split(mode, "test"))
+        assert not train.errors and not test.errors and train.mode == test.mode == mode
+        assert len(test) == len({r.image for r in test}) * per_image
+        # Different images: the test images were rendered from another seed.
+        train_pixels = {open(r.image, "rb").read() for r in train.records[::per_image]}
+        assert not any(open(r.image, "rb").read() in train_pixels for r in test.records[::per_image])
+
+
+def test_response_levels_need_the_image_to_tell_apart():
+    """Levels 5 and 3 (and 2 and 1) use the same wording; only the cited artifact differs."""
+    texture_scene, colour_scene = Scene("fake", "texture", "upper left"), Scene("fake", "colour", "upper left")
+    fives = {detector_response(random.Random(i), texture_scene, 5) for i in range(50)}
+    threes = {detector_response(random.Random(i), colour_scene, 3) for i in range(50)}
+    # A level-5 response for one image is word for word a possible level-3 response for another.
+    assert fives & threes
