@@ -11,20 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dfj.judge import Judge
+    from dfj.judge import load_judge
 
 __all__ = ["__version__", "load_judge"]
 
 
-def load_judge(
-    source: str,
-    runtime: str = "torch",
-    device: str = "cpu",
-    dtype: str | None = None,
-    mode: str | None = None,
-    **options: Any,
-) -> "Judge":
-    """Load a DFJ judge from a local folder or a Hugging Face id; see `dfj.judge.load_judge`."""
-    from dfj.judge import load_judge as _load
+def __getattr__(name: str) -> Any:
+    # `dfj.load_judge` resolves on first use, so `import dfj` pulls in no heavy library.
+    if name == "load_judge":
+        from dfj.judge import load_judge
 
-    return _load(source, runtime=runtime, device=device, dtype=dtype, mode=mode, **options)
+        return load_judge
+    raise AttributeError(f"module 'dfj' has no attribute {name!r}")

@@ -45,6 +45,17 @@ class Manifest:
         self.dfj_version = self.dfj_version or __version__
         self.created = self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
+    @classmethod
+    def for_judge(cls, mode: str, format: str, source: dict[str, Any], limits=None, **fields: Any) -> "Manifest":
+        """A manifest for a judge artifact: records this dfj's prompt-template hashes and the pixel limits."""
+        from dfj.images import PixelLimits
+        from dfj.prompts import MODES, template_sha256
+
+        limits = limits or PixelLimits()
+        return cls(mode=mode, format=format, source=source,
+                   prompt_templates={m: template_sha256(m) for m in MODES},
+                   pixels={"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels}, **fields)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

@@ -45,9 +45,12 @@ class Scene:
     region: str | None
 
 
-def render_image(rng: random.Random, scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+def render_image(rng: random.Random, scene: Scene, size: int | tuple[int, int] = IMAGE_SIZE) -> Image.Image:
+    """A procedural scene of `size` (square side, or (width, height)) with the scene's artifact planted."""
     nprng = np.random.default_rng(rng.randrange(1 << 31))
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    width, height = (size, size) if isinstance(size, int) else size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = y / height, x / width
     c0, c1 = nprng.uniform(40, 215, 3), nprng.uniform(40, 215, 3)
     angle = nprng.uniform(0, np.pi)
     t = (np.cos(angle) * x + np.sin(angle) * y + 1) / 2
@@ -59,12 +62,12 @@ def render_image(rng: random.Random, scene: Scene, size: int = IMAGE_SIZE) -> Im
         img = img * (1 - 0.5 * shade) + nprng.uniform(60, 200, 3)[None, None] * 0.5 * shade
     img += nprng.normal(0, 2.0, img.shape)
     if scene.artifact:
-        half = size // 2
-        row = 0 if scene.region.startswith("upper") else half
-        col = 0 if scene.region.endswith("left") else half
-        ph = pw = int(half * 0.7)
-        top = row + nprng.integers(0, half - ph + 1)
-        left = col + nprng.integers(0, half - pw + 1)
+        half_h, half_w = height // 2, width // 2
+        row = 0 if scene.region.startswith("upper") else half_h
+        col = 0 if scene.region.endswith("left") else half_w
+        ph, pw = int(half_h * 0.7), int(half_w * 0.7)
+        top = row + nprng.integers(0, half_h - ph + 1)
+        left = col + nprng.integers(0, half_w - pw + 1)
         patch = img[top:top + ph, left:left + pw]
         if scene.artifact == "colour":
             patch[:] = np.array([255, 0, 255] if nprng.random() < 0.5 else [0, 255, 0], dtype=np.float32)
@@ -119,12 +122,13 @@ def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
     return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
 
 
+# Short on purpose: the decision is in the first words, and every gold token costs training time.
 _GOLD_REASONS = {
-    5: "Correct class, and the cited artifact and region match the image.",
-    4: "Correct class and artifact, but the region is wrong.",
-    3: "Correct class, but the cited evidence does not match the image.",
-    2: "Wrong class, though the cited detail is really there.",
-    1: "Wrong class with hallucinated evidence.",
+    5: "Right class; artifact and region match.",
+    4: "Right class and artifact; wrong region.",
+    3: "Right class; the artifact does not match.",
+    2: "Wrong class; the detail is real.",
+    1: "Wrong class; hallucinated detail.",
 }
 
 
@@ -139,18 +143,24 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(label, rng.choice(ARTIFACTS), rng.choice(REGIONS))
 
 
-def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: int, seed: int) -> Path:
-    """Write a DFJ-layout split: `images` images, `per_image` records each (ms-swift messages)."""
+def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: int, seed: int,
+                          sizes: list[tuple[int, int]] | None = None, limit: int | None = None) -> Path:
+    """Write a DFJ-layout split: `images` images, `per_image` records each (ms-swift messages).
+
+    `sizes` cycles image sizes (default: all 112 x 112); `limit` stops after that many records.
+    """
     prompts.check_mode(mode)
     out = Path(path)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"dfj-synthetic-{mode}-{seed}")
-    lines = []
+    lines: list[str] = []
     for i in range(images):
         scene = random_scene(rng)
         name = f"images/{i:05d}.png"
-        render_image(rng, scene).save(out / name)
+        render_image(rng, scene, sizes[i % len(sizes)] if sizes else IMAGE_SIZE).save(out / name)
         for _ in range(per_image):
+            if limit is not None and len(lines) >= limit:
+                break
             if mode == "pointwise":
                 level = rng.randint(1, 5)
                 prompt = prompts.render_pointwise(scene.label, detector_response(rng, scene, level))

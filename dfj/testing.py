@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
-from typing import Any
-
 from dfj import prompts
 from dfj.images import MAX_PIXELS, MIN_PIXELS
 from dfj.manifest import Manifest, write_manifest
@@ -147,13 +144,7 @@ def build_tiny_judge(
     write_processor(model_dir)
     write_manifest(
         model_dir,
-        Manifest(
-            mode=mode,
-            format="safetensors",
-            source={"kind": "dfj.testing.build_tiny_judge", "seed": seed, "tied": tied},
-            prompt_templates={m: prompts.template_sha256(m) for m in prompts.MODES},
-            pixels={"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS},
-        ),
+        Manifest.for_judge(mode, "safetensors", {"kind": "dfj.testing.build_tiny_judge", "seed": seed, "tied": tied}),
     )
     if not adapter:
         return model_dir
@@ -192,13 +183,7 @@ def _write_adapter(model, base_dir: Path, out: Path, mode: str, seed: int, layou
     peft_model.unload()
     write_manifest(
         out,
-        Manifest(
-            mode=mode,
-            format="adapter",
-            source={"kind": "dfj.testing.build_tiny_judge", "seed": seed, "layout": layout},
-            prompt_templates={m: prompts.template_sha256(m) for m in prompts.MODES},
-            pixels={"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS},
-        ),
+        Manifest.for_judge(mode, "adapter", {"kind": "dfj.testing.build_tiny_judge", "seed": seed, "layout": layout}),
     )
     return out
 
@@ -206,52 +191,7 @@ def _write_adapter(model, base_dir: Path, out: Path, mode: str, seed: int, layou
 # ----------------------------------------------------------------------------------------------
 # Tiny DFJ-format splits
 
-_SCENES = ["portrait of a person", "street at dusk", "kitchen table", "mountain lake", "city skyline", "dog in a park"]
-_ARTIFACTS = ["blurred hairline", "inconsistent shadows", "warped background lines", "mismatched earrings",
-              "smeared text on a sign", "unnatural skin texture", "duplicated fingers", "halo around the subject"]
-_REGIONS = ["upper left", "upper right", "centre", "lower left", "lower right"]
-
-
-def _response(rng: random.Random, label: str, quality: int) -> str:
-    """A detector response in DFJ's style, worse as `quality` falls (5 best)."""
-    wrong = {"real": "fake", "fake": "real", "edited": "real"}[label]
-    answer = label if quality >= 3 else wrong
-    answer = "fake" if answer == "edited" else answer  # detectors answer real / fake
-    artifact, region, scene = rng.choice(_ARTIFACTS), rng.choice(_REGIONS), rng.choice(_SCENES)
-    if quality == 5:
-        why = f"The {scene} shows {artifact} in the {region} region, a typical generation artifact."
-    elif quality == 4:
-        why = f"The {scene} looks mostly consistent, though there is some {artifact} near the {region}."
-    elif quality == 3:
-        why = f"Something seems off about the {scene}; hard to say exactly what."
-    elif quality == 2:
-        why = f"The lighting of the {scene} is natural and I see no {artifact}."
-    else:
-        why = f"There is a watermark and a second {scene} hidden in the {region} corner."
-    if label == "real" and quality >= 3:
-        why = f"The {scene} has consistent lighting, textures and perspective; no {artifact} is visible."
-    return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
-
-
-def _gold_pointwise(quality: int, label: str) -> str:
-    reason = {5: "The response identifies the right class with grounded, specific evidence.",
-              4: "Correct class with minor imprecision in the cited evidence.",
-              3: "Correct class but vague or partly wrong grounding.",
-              2: "Wrong class, though some details are valid.",
-              1: "Wrong class with hallucinated details."}[quality]
-    return f"<reasoning>Ground truth is {label}. {reason}</reasoning>\n<score>{quality}</score>"
-
-
-def _image(rng: random.Random, size: tuple[int, int]):
-    import numpy as np
-    from PIL import Image
-
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([(x * rng.uniform(0.2, 1.0)) % 256, (y * rng.uniform(0.2, 1.0)) % 256,
-                     ((x + y) * rng.uniform(0.1, 0.5)) % 256], axis=-1)
-    noise = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 24, size=(h, w, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"), "RGB")
+TINY_SPLIT_SIZES = [(112, 112), (140, 84), (84, 168), (196, 112), (56, 56)]  # varied sizes and aspects
 
 
 def build_tiny_dataset(path: str | os.PathLike, mode: str, n: int, seed: int = 0,
@@ -259,36 +199,13 @@ def build_tiny_dataset(path: str | os.PathLike, mode: str, n: int, seed: int = 0
     """Write a DFJ-layout split (`images/` + `data.jsonl` of ms-swift messages records) with n records.
 
     Records share images as the DFJ test sets do (5 responses per image pointwise, 10 pairs per
-    image pairwise, by default); image sizes and aspect ratios vary.
+    image pairwise, by default); image sizes and aspect ratios vary. Content: `dfj.synthetic`.
     """
-    prompts.check_mode(mode)
-    out = Path(path)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{seed}-{mode}")
+    from dfj.synthetic import build_synthetic_split
+
     per_image = responses_per_image or (5 if mode == "pointwise" else 10)
-    sizes = [(112, 112), (140, 84), (84, 168), (196, 112), (56, 56)]
-    lines: list[str] = []
-    image_name, label = "", ""
-    for i in range(n):
-        if i % per_image == 0:
-            label = rng.choice(prompts.LABELS)
-            image_name = f"images/{mode}_{i // per_image:04d}.png"
-            _image(rng, sizes[(i // per_image) % len(sizes)]).save(out / image_name)
-        if mode == "pointwise":
-            quality = rng.randint(1, 5)
-            prompt = prompts.render_pointwise(label, _response(rng, label, quality))
-            gold = _gold_pointwise(quality, label)
-        else:
-            qa, qb = rng.sample(range(1, 6), 2)
-            prompt = prompts.render_pairwise(label, _response(rng, label, qa), _response(rng, label, qb))
-            gold = f"<answer>{'A' if qa > qb else 'B'}</answer>"
-        record: dict[str, Any] = {
-            "messages": [{"role": "user", "content": "<image>" + prompt}, {"role": "assistant", "content": gold}],
-            "images": [image_name],
-        }
-        lines.append(json.dumps(record, ensure_ascii=False))
-    (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
+    return build_synthetic_split(path, mode, images=-(-n // per_image), per_image=per_image, seed=seed,
+                                 sizes=TINY_SPLIT_SIZES, limit=n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,19 +29,19 @@ Log = Callable[[str], None]
 @dataclass
 class TrainSettings:
     seed: int = 0
-    base_steps: int = 1200
+    base_steps: int = 1000
     base_batch: int = 16
     base_lr: float = 2e-3
     judge_steps: dict[str, int] | None = None  # per mode; defaults in __post_init__
     judge_batch: int = 8
-    judge_lr: float = 1e-3
+    judge_lr: float = 2e-3
     lora_rank: int = 16
     train_images: int = 800
     threads: int | None = None
     blank_control_records: int = 100
 
     def __post_init__(self) -> None:
-        self.judge_steps = self.judge_steps or {"pointwise": 350, "pairwise": 450}
+        self.judge_steps = self.judge_steps or {"pointwise": 450, "pairwise": 400}
 
 
 def _batch(processor, chats: list[str], targets: list[str], images: list):
@@ -222,7 +222,7 @@ def _gold_texts(split_dir: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 # The whole recipe, cached
 
-TRAINED_VERSION = "2"  # bump when the data, model or recipe changes: cached judges are rebuilt
+TRAINED_VERSION = "3"  # bump when the data, model or recipe changes: cached judges are rebuilt
 SPLIT_SHAPE = {  # (images, records per image) as the DFJ test sets: 5 responses / 10 pairs per image
     ("pointwise", "train"): (240, 5),
     ("pointwise", "test"): (40, 5),
@@ -288,12 +288,8 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
             cfg = json.loads(cfg_path.read_text())
             cfg["base_model_name_or_path"] = "../base"
             cfg_path.write_text(json.dumps(cfg, indent=2))
-            write_manifest(adapter, Manifest(
-                mode=mode, format="adapter",
-                source={"kind": "dfj.training", "version": TRAINED_VERSION, "seed": settings.seed},
-                prompt_templates={m: prompts.template_sha256(m) for m in prompts.MODES},
-                pixels={"min_pixels": 3136, "max_pixels": 1003520},
-            ))
+            write_manifest(adapter, Manifest.for_judge(
+                mode, "adapter", {"kind": "dfj.training", "version": TRAINED_VERSION, "seed": settings.seed}))
         timings["train_total_s"] = time.perf_counter() - started
         metrics = {"timings": timings, "settings": settings.__dict__}
         for mode in prompts.MODES:

@@ -6,33 +6,30 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 
+class _VerdictMixin:
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass
-class PointwiseVerdict:
+class PointwiseVerdict(_VerdictMixin):
     score: int | None
     reasoning: str | None
     text: str
     error: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
-class PairwiseVerdict:
+class PairwiseVerdict(_VerdictMixin):
     choice: Literal["A", "B"] | None
     text: str
     error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 Verdict = PointwiseVerdict | PairwiseVerdict

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dfj import hf, prompts
+from dfj import hf
 from dfj.export.probe import compare_logits, probe_logits
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
@@ -76,14 +76,10 @@ def export_merged(
                     raise RuntimeError(f"merged model does not match its source: {parity}")
             write_manifest(
                 work,
-                Manifest(
-                    mode=resolved.mode,
-                    format="safetensors",
-                    quant="none",
-                    source={"name": resolved.name, "kind": resolved.kind, "dtype": saved_dtype, **adapter_info},
-                    prompt_templates={m: prompts.template_sha256(m) for m in prompts.MODES},
-                    pixels={"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels},
-                    parity=parity,
+                Manifest.for_judge(
+                    resolved.mode, "safetensors",
+                    {"name": resolved.name, "kind": resolved.kind, "dtype": saved_dtype, **adapter_info},
+                    limits=limits, quant="none", parity=parity,
                 ),
             )
     return Path(out).resolve()
