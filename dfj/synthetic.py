@@ -5,11 +5,11 @@ carry one planted artifact — a colour blotch, a texture patch or a stripe seam
 Detector responses are written by rules at five quality levels, in DFJ's
 `<reasoning>…</reasoning> <answer>…</answer>` style:
 
-  5  right label, right artifact type, right region
-  4  right label, right artifact type, wrong region (a small slip)
-  3  right label, wrong artifact type (weak grounding) or, for real images, vague
-  2  wrong label with a valid detail (the artifact that is there) or, for real images, hedged
-  1  wrong label with a hallucinated detail
+  5  right label, the artifact type and region that are there
+  4  the same, hedged (a small slip)
+  3  right label, citing an artifact type that is not there (weak grounding); real images: vague
+  2  wrong label, though citing the artifact that is there; real images: hedged
+  1  wrong label with a hallucinated artifact
 
 Telling 5 from 3, or 2 from 1, needs the image: the text alone does not say which artifact is there.
 """
@@ -104,20 +104,21 @@ def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
         answer = "real" if level >= 3 else "fake"
         return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
     art, region = scene.artifact, scene.region
-    # Levels 3-5 share their wording; only whether the cited type and region match the image differs.
+    # Levels 5 and 3 share their wording, as do 2 and 1: only whether the cited artifact type matches
+    # the image differs. Level 4 is level 5 said with hedges (a small slip, visible in the text).
+    phrase = rng.choice(_ARTIFACT_WORDS[art])
+    wrong_phrase = rng.choice(_ARTIFACT_WORDS[_other(rng, ARTIFACTS, art)])
     opener = rng.choice(["There is", "I notice", "I see"])
     if level == 5:
-        why = f"{opener} {rng.choice(_ARTIFACT_WORDS[art])} in the {region} of {where}, which indicates manipulation."
+        why = f"{opener} {phrase} in the {region} of {where}, which indicates manipulation."
     elif level == 4:
-        why = f"{opener} {rng.choice(_ARTIFACT_WORDS[art])} in the {_other(rng, REGIONS, region)} of {where}, which indicates manipulation."
+        why = f"{where.capitalize()} may be manipulated; possibly {phrase} somewhere near the {region}, though I am not certain."
     elif level == 3:
-        wrong = _other(rng, ARTIFACTS, art)
-        why = f"{opener} {rng.choice(_ARTIFACT_WORDS[wrong])} in the {region} of {where}, which indicates manipulation."
+        why = f"{opener} {wrong_phrase} in the {region} of {where}, which indicates manipulation."
     elif level == 2:
-        why = f"Apart from {rng.choice(_ARTIFACT_WORDS[art])} in the {region}, {where} looks consistent, so it is authentic."
+        why = f"Apart from {phrase} in the {region}, {where} looks consistent, so it is authentic."
     else:
-        wrong = _other(rng, ARTIFACTS, art)
-        why = f"Apart from {rng.choice(_ARTIFACT_WORDS[wrong])} in the {_other(rng, REGIONS, region)}, {where} looks consistent, so it is authentic."
+        why = f"Apart from {wrong_phrase} in the {region}, {where} looks consistent, so it is authentic."
     answer = "fake" if level >= 3 else "real"
     return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
 
@@ -125,7 +126,7 @@ def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
 # Short on purpose: the decision is in the first words, and every gold token costs training time.
 _GOLD_REASONS = {
     5: "Right class; artifact and region match.",
-    4: "Right class and artifact; wrong region.",
+    4: "Right class and artifact, but hedged.",
     3: "Right class; the artifact does not match.",
     2: "Wrong class; the detail is real.",
     1: "Wrong class; hallucinated detail.",

@@ -21,7 +21,7 @@ from typing import Callable
 from dfj import prompts
 from dfj.data import read_split
 from dfj.images import load_image
-from dfj.synthetic import ARTIFACTS, REGIONS, _ARTIFACT_WORDS, random_scene, render_image
+from dfj.synthetic import _ARTIFACT_WORDS, random_scene, render_image
 
 Log = Callable[[str], None]
 
@@ -34,14 +34,15 @@ class TrainSettings:
     base_lr: float = 2e-3
     judge_steps: dict[str, int] | None = None  # per mode; defaults in __post_init__
     judge_batch: int = 8
-    judge_lr: float = 2e-3
+    judge_lr: dict[str, float] | None = None  # per mode; defaults in __post_init__
     lora_rank: int = 16
-    train_images: int = 800
+    train_images: int = 400
     threads: int | None = None
     blank_control_records: int = 100
 
     def __post_init__(self) -> None:
-        self.judge_steps = self.judge_steps or {"pointwise": 450, "pairwise": 400}
+        self.judge_steps = self.judge_steps or {"pointwise": 450, "pairwise": 500}
+        self.judge_lr = self.judge_lr or {"pointwise": 2e-3, "pairwise": 1e-3}
 
 
 def _batch(processor, chats: list[str], targets: list[str], images: list):
@@ -100,32 +101,14 @@ DESCRIBE = "Describe any manipulation artifact in the image, naming its type and
 
 
 def _base_example(rng: random.Random):
-    """One pretraining example: (image, question, answer).
-
-    Two tasks, as a general VLM would know them before DFJ fine-tuning: describing the artifact, and
-    checking a claim about it against the image (the skill a judge needs to grade a response).
-    """
+    """One pretraining example: (image, question, answer): describe the artifact, type and region."""
     scene = random_scene(rng)
     image = render_image(rng, scene)
-    if rng.random() < 0.4:
-        if scene.artifact is None:
-            answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
-        else:
-            answer = f"There is {rng.choice(_ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
-        return image, DESCRIBE, answer
-    kind = rng.choice(ARTIFACTS) if scene.artifact is None else rng.choice(["right", "type", "region"])
     if scene.artifact is None:
-        claim_type, claim_region, answer = kind, rng.choice(REGIONS), "No, there is no artifact in the image."
-    elif kind == "right":
-        claim_type, claim_region, answer = scene.artifact, scene.region, "Yes, the type and the region are right."
-    elif kind == "type":
-        claim_type = rng.choice([a for a in ARTIFACTS if a != scene.artifact])
-        claim_region, answer = scene.region, "No, the region is right but the type is wrong."
+        answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
     else:
-        claim_type, claim_region = scene.artifact, rng.choice([r for r in REGIONS if r != scene.region])
-        answer = "No, the type is right but the region is wrong."
-    question = f"Is there {rng.choice(_ARTIFACT_WORDS[claim_type])} in the {claim_region} of the image?"
-    return image, question, answer
+        answer = f"There is {rng.choice(_ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
+    return image, DESCRIBE, answer
 
 
 def train_base(model, processor, settings: TrainSettings, log: Log = print) -> None:
@@ -181,7 +164,8 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
     golds = _gold_texts(split_dir)
     images: dict[str, object] = {}
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.judge_lr, weight_decay=0.0)
+    lr = settings.judge_lr[split.mode]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     peft_model.train()
     started = time.perf_counter()
     total = settings.judge_steps[split.mode]
@@ -197,7 +181,7 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
             pils.append(images[record.image])
         inputs, positions, labels = _batch(processor, chats, targets, pils)
         for group in optimizer.param_groups:
-            group["lr"] = settings.judge_lr * _schedule(step, total)
+            group["lr"] = lr * _schedule(step, total)
         loss = _loss(peft_model, inputs, positions, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,7 +206,7 @@ def _gold_texts(split_dir: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 # The whole recipe, cached
 
-TRAINED_VERSION = "3"  # bump when the data, model or recipe changes: cached judges are rebuilt
+TRAINED_VERSION = "4"  # bump when the data, model or recipe changes: cached judges are rebuilt
 SPLIT_SHAPE = {  # (images, records per image) as the DFJ test sets: 5 responses / 10 pairs per image
     ("pointwise", "train"): (240, 5),
     ("pointwise", "test"): (40, 5),
