@@ -120,7 +120,7 @@ def info(
 @app.command()
 def demo(
     cache: Optional[Path] = typer.Option(None, help="Work folder (default: $DFJ_CACHE or ~/.cache/dfj)."),
-    records: int = typer.Option(20, help="Held-out test records judged per mode."),
+    records: int = typer.Option(40, help="Held-out test records judged per mode."),
 ) -> None:
     """Trained tiny DFJ judges (built offline once per machine): merge their LoRA, judge held-out
     records with base+LoRA and with the merged artifact, and compare."""

@@ -34,7 +34,7 @@ def _quality(mode: str, verdicts, records) -> str:
     return f"accuracy {100 * (q.accuracy or 0):.1f} %"
 
 
-def run_demo(cache: Path | None = None, records: int = 20) -> bool:
+def run_demo(cache: Path | None = None, records: int = 40) -> bool:
     import dfj
     from dfj.data import read_split
     from dfj.export import merge

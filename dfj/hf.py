@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,10 @@ def quiet_transformers():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            # peft calls a transformers API that transformers 5 deprecated; not actionable here.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            yield
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -10,7 +11,8 @@ from rich.table import Table
 from dfj.manifest import Manifest
 from dfj.verdicts import PairwiseVerdict, PointwiseVerdict
 
-console = Console()
+# Piped output (CI logs, `| tee`) gets a readable width instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def print_verdict(mode: str, verdict: PointwiseVerdict | PairwiseVerdict) -> None:
