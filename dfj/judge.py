@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from dfj import prompts
-from dfj.data import PairwiseRecord, PointwiseRecord, record_from_mapping
+from dfj.data import PointwiseRecord, record_from_mapping
 from dfj.images import ImageInput, check_image, load_image
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dfj import prompts
 from dfj.hf import ADAPTER_CONFIG, read_adapter_config
+from dfj.images import PixelLimits
 from dfj.manifest import ArtifactError, Manifest, read_manifest, verify
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -28,6 +29,12 @@ class Source:
     name: str  # what the user gave (folder or hub id), for messages and manifests
     base: Path | None = None  # an adapter's base model folder
     manifest: Manifest | None = None
+
+    @property
+    def limits(self) -> PixelLimits:
+        """The judge's image pixel limits: as recorded in its manifest, else the DFJ training limits."""
+        pixels = self.manifest.pixels if self.manifest else {}
+        return PixelLimits(**pixels) if pixels else PixelLimits()
 
 
 def resolve(source: str | os.PathLike, mode: str | None = None, verify_files: bool = True) -> Source:

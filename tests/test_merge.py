@@ -11,7 +11,7 @@ import dfj
 from dfj import hf
 from dfj.data import read_split
 from dfj.export import merge
-from dfj.manifest import ArtifactError, read_manifest, sha256_file, write_manifest
+from dfj.manifest import ArtifactError, read_manifest, sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -91,8 +91,6 @@ def test_adapter_names_its_base_relative_or_absolute(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_artifact_from_another_prompt_template_warns(tiny, tmp_path):
-    import json
-
     from dfj.manifest import write_manifest, read_manifest
 
     model = tmp_path / "m"

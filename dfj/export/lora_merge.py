@@ -17,7 +17,7 @@ from dfj.export.probe import compare_logits, probe_logits
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import Manifest, sha256_file, write_manifest
-from dfj.sources import Source, resolve
+from dfj.sources import resolve
 
 # Max |logit difference| allowed between the merged artifact and base+adapter, by saved dtype.
 MERGE_TOLERANCE = {"float32": 1e-4}
@@ -41,7 +41,7 @@ def export_merged(
     resolved = resolve(source, mode=mode)
     model_dir = resolved.base if resolved.kind == "adapter" else resolved.path
     saved_dtype = hf.checkpoint_dtype(model_dir) if dtype == "auto" else str(hf.torch_dtype(dtype, "cpu")).removeprefix("torch.")
-    limits = limits or _limits(resolved)
+    limits = limits or resolved.limits
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         model = hf.load_model(model_dir, dtype=hf.torch_dtype(saved_dtype, "cpu"))
@@ -83,8 +83,3 @@ def export_merged(
                 ),
             )
     return Path(out).resolve()
-
-
-def _limits(source: Source) -> PixelLimits:
-    pixels = source.manifest.pixels if source.manifest else {}
-    return PixelLimits(**pixels) if pixels else PixelLimits()

@@ -6,7 +6,6 @@ back to 1-D positions and every logit after the image is wrong.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,7 @@ class TorchRuntime(Runtime):
                 model = hf.load_model(source.path, dtype=torch_dtype, device=device)
                 processor_dir = source.path
             processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
-        limits = options.get("limits") or _limits(source)
+        limits = options.get("limits") or source.limits
         return cls(model, processor, device, limits)
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -101,8 +100,3 @@ class TorchRuntime(Runtime):
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype)}
-
-
-def _limits(source: Source) -> PixelLimits:
-    pixels = source.manifest.pixels if source.manifest else {}
-    return PixelLimits(**pixels) if pixels else PixelLimits()
