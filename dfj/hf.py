@@ -147,11 +147,6 @@ def _model_param_name(key: str, mapping: dict[str, str] | None) -> str:
     return prefix + inner
 
 
-def merge_adapter(model, adapter_dir: Path):
-    """base + adapter -> a plain Qwen2.5-VL model with the LoRA folded into its weights."""
-    return apply_adapter(model, adapter_dir).merge_and_unload()
-
-
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' per-load progress bars and reports; errors still raise."""

@@ -22,9 +22,6 @@ PLACEHOLDERS = {"pointwise": POINTWISE_PLACEHOLDERS, "pairwise": PAIRWISE_PLACEH
 # The reference decoding limits (DeepfakeJudge inference scripts).
 MAX_NEW_TOKENS = {"pointwise": 512, "pairwise": 128}
 
-# The Qwen2.5-VL text that stands for one image in a chat turn; processors expand the pad token.
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
 
 @lru_cache(maxsize=None)
 def template(mode: str) -> str:
