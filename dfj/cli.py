@@ -27,10 +27,15 @@ def _fail(message: str) -> None:
 @app.command()
 def judge(
     artifact: str = typer.Argument(..., help="Judge folder, adapter folder, dfj artifact or Hugging Face id."),
-    image: Path = typer.Option(..., "--image", help="Image file."),
-    label: str = typer.Option(..., "--label", help="Ground-truth label: real, fake or edited."),
-    response: str = typer.Option(..., "--response", help="Detector response (response A for a pairwise judge)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image file (one verdict)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Ground-truth label: real, fake or edited."),
+    response: Optional[str] = typer.Option(None, "--response", help="Detector response (response A for a pairwise judge)."),
     response_b: Optional[str] = typer.Option(None, "--response-b", help="Response B (pairwise judges)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Judge a whole DFJ split folder (its data.jsonl)."),
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Judge a JSONL file (images relative to it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results JSONL for --data/--jsonl: one line per input line."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --out file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
     runtime: str = typer.Option("torch", help="Runtime: torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -38,11 +43,21 @@ def judge(
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference limit (512 pointwise, 128 pairwise)."),
 ) -> None:
-    """Judge one image and response (or pair of responses)."""
+    """Judge one image and response (or pair), or a whole JSONL file with --data/--jsonl and --out."""
     import dfj
 
+    batch_input = data or jsonl
+    if data and jsonl:
+        _fail("give --data or --jsonl, not both")
+    if batch_input is not None and out is None:
+        _fail("--data/--jsonl need --out FILE for the results")
+    if batch_input is None and (image is None or label is None or response is None):
+        _fail("give --image, --label and --response (one verdict), or --data/--jsonl with --out (a batch)")
     try:
         j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens)
+        if batch_input is not None:
+            _judge_batch(j, batch_input, out, resume, force)
+            return
         if j.mode == "pointwise":
             if response_b is not None:
                 _fail("--response-b is for pairwise judges; this is a pointwise judge")
@@ -51,7 +66,7 @@ def judge(
             if response_b is None:
                 _fail("a pairwise judge needs --response-b")
             verdict = j.compare(image, label, response, response_b)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return
     if as_json:
@@ -62,6 +77,17 @@ def judge(
     print_verdict(j.mode, verdict)
     if verdict.error:
         raise typer.Exit(1)
+
+
+def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool) -> None:
+    from dfj.batch import judge_jsonl
+    from dfj.report import progress_bar
+
+    with progress_bar(f"judging ({j.mode})") as progress:
+        summary = judge_jsonl(j, source, out, resume=resume, overwrite=force, progress=progress)
+    earlier = f", {summary.resumed} done by an earlier run" if summary.resumed else ""
+    typer.echo(f"{summary.out}: {summary.lines} lines{earlier}; this run: {summary.judged} verdicts, "
+               f"{summary.unparsed} outputs without a verdict, {summary.errors} input errors")
 
 
 @app.command()

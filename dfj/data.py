@@ -117,7 +117,9 @@ def parse_line(raw: bytes | str, root: Path, line: int = 0) -> Record:
     """One JSONL line -> a record; RecordProblem says what is wrong with it."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        obj = json.loads(text)
+        if not text.strip():
+            raise RecordProblem("empty line")
+        obj = json.loads(text.removeprefix("\ufeff").rstrip("\r\n"))  # a BOM from Windows editors is not data
     except UnicodeDecodeError:
         raise RecordProblem("line is not valid UTF-8") from None
     except json.JSONDecodeError as exc:

@@ -15,7 +15,7 @@ import numpy as np
 
 from dfj import prompts
 from dfj.data import PointwiseRecord, record_from_mapping
-from dfj.images import ImageInput, check_image, load_image
+from dfj.images import PATCH_FACTOR, ImageInput, check_image, load_image, smart_resize
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
 from dfj.runtime import Runtime
@@ -107,8 +107,27 @@ class Judge:
     # -- shared preparation --------------------------------------------------------------------
     def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...]):
         prompt = prompts.render(self.mode, label, *responses)
+        for name, response in zip(_response_names(self.mode), responses):
+            _check_judgeable(name, response)
         pil = check_image(load_image(image), self.runtime.limits)
-        return pil, prompts.render_chat(prompt)
+        chat = prompts.render_chat(prompt)
+        self._check_context(pil, chat)
+        return pil, chat
+
+    def _check_context(self, image, chat: str) -> None:
+        """A prompt that does not fit the model's context is an error, never silently truncated."""
+        context = getattr(self.runtime, "context_length", None)
+        if not context:
+            return
+        height, width = smart_resize(image.height, image.width, self.runtime.limits)
+        image_tokens = (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
+        # The chat holds one <|image_pad|> that the processor expands to the image's tokens.
+        needed = len(self.runtime.tokenize(chat)) - 1 + image_tokens + self.new_token_limit
+        if needed > context:
+            raise ValueError(
+                f"prompt is too long: {needed - self.new_token_limit} tokens (image {image_tokens}) plus "
+                f"{self.new_token_limit} new tokens exceed the judge's context of {context} tokens"
+            )
 
     def _require(self, mode: str, method: str) -> None:
         if self.mode != mode:
@@ -117,6 +136,18 @@ class Judge:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "mode": self.mode, **self.runtime.describe(), **self.info}
+
+
+def _response_names(mode: str) -> tuple[str, ...]:
+    return ("response",) if mode == "pointwise" else ("response_a", "response_b")
+
+
+def _check_judgeable(name: str, response: str) -> None:
+    """Text a judge can meaningfully rate: not blank, no NUL (a sign of binary or corrupt input)."""
+    if not response.strip():
+        raise ValueError(f"{name} is empty" + (" (whitespace only)" if response else ""))
+    if "\x00" in response:
+        raise ValueError(f"{name} contains a NUL character (binary or corrupt text)")
 
 
 def load_judge(

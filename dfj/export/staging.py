@@ -1,8 +1,8 @@
 """Atomic artifact folders: build in a hidden sibling, rename into place when complete.
 
 A process killed at any point leaves either the previous folder or no folder at `out`, never a
-half-written one; the partial sibling has no manifest (it is written last) and is swept by the next
-run once its writer is gone.
+half-written one; the partial sibling (and a replaced artifact set aside) is swept by the next run
+once its writer is gone.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_partials(out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        suffix = stale.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and (int(suffix) == os.getpid() or not _alive(int(suffix))):
-            shutil.rmtree(stale, ignore_errors=True)
+    """Remove what dead writers left: unfinished folders and replaced artifacts set aside."""
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            suffix = stale.name.rsplit("-", 1)[-1]
+            if suffix.isdigit() and (int(suffix) == os.getpid() or not _alive(int(suffix))):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ class Runtime(ABC):
 
     name: str = ""
     limits: PixelLimits
+    context_length: int | None = None  # prompt + output tokens the model takes; None: unchecked
 
     @classmethod
     @abstractmethod

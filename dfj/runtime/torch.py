@@ -26,6 +26,7 @@ class TorchRuntime(Runtime):
         self.processor = processor
         self.device = device
         self.limits = limits
+        self.context_length = int(model.config.get_text_config().max_position_embeddings)
         image_processor = processor.image_processor
         # The judge's pixel limits, not whatever the base checkpoint's processor file says.
         image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}

@@ -1,0 +1,199 @@
+"""Batch judging of a JSONL file into a JSONL file: one output line per input line, in input order.
+
+Each output line is the input object with a `dfj` field added (the verdict, or `error` naming the
+problem), in the spirit of ms-swift's `swift infer` result files. The input is streamed and every
+line is flushed as it is written, so a killed run keeps what it finished; `resume=True` checks that
+the finished lines belong to this input, drops a torn last line, and continues, giving the same file
+as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from dfj.data import RecordProblem, parse_line
+
+# A line over this size is an error, not a read: memory stays bounded whatever the input holds.
+MAX_LINE_BYTES = 16 << 20
+FIELD = "dfj"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BatchSummary:
+    out: Path
+    lines: int  # input lines, all accounted for in `out`
+    resumed: int  # lines already done by an earlier run
+    judged: int  # lines with a verdict
+    unparsed: int  # lines judged, but the judge's output held no valid verdict (a miss, never a guess)
+    errors: int  # lines that could not be judged: bad record, image or runtime failure
+
+
+def input_jsonl(path: str | os.PathLike) -> Path:
+    """A split folder (its data.jsonl) or a JSONL file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "data.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no JSONL input at {path}")
+    return path
+
+
+def judge_jsonl(
+    judge,
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> BatchSummary:
+    """Judge every line of `source` (a split folder or JSONL file) into `out`."""
+    source = input_jsonl(source)
+    out = Path(out)
+    if out.resolve() == source.resolve():
+        raise ValueError("the output file must not be the input file")
+    root = source.parent.resolve()
+    total = _count_lines(source)
+    done = 0
+    if out.exists():
+        if resume:
+            done = _check_finished(out, source)
+        elif not overwrite:
+            raise FileExistsError(f"{out} already exists (pass --resume to continue it, --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
+    appending = resume and out.exists()
+    with open(out, "r+b" if appending else "wb") as sink:
+        if appending:
+            sink.seek(_finished_bytes(out, done))
+            sink.truncate()  # a line torn by the kill goes; it is judged again
+        for number, raw in _lines(source):
+            if number <= done:
+                continue
+            row = judge_line(judge, raw, number, root)
+            if not row[FIELD]["error"]:
+                summary.judged += 1
+            elif "text" in row[FIELD]:
+                summary.unparsed += 1
+            else:
+                summary.errors += 1
+            sink.write(_dump(row))
+            sink.flush()
+            if progress:
+                progress(number, total)
+    return summary
+
+
+def judge_line(judge, raw: bytes | None, number: int, root: Path) -> dict[str, Any]:
+    """One input line -> its output object. Never raises for a bad line."""
+    original, result = _original(raw)
+    if raw is None:
+        result["error"] = f"line {number}: longer than {MAX_LINE_BYTES} bytes"
+    elif "error" not in result:
+        try:
+            record = parse_line(raw, root, number)
+            verdict = judge.judge(record)
+            result.update(verdict.to_dict())
+            if verdict.error:
+                result["error"] = f"line {number}: judge output unusable: {verdict.error}"
+        except (RecordProblem, ValueError, OSError) as exc:
+            result["error"] = f"line {number}: {exc}"
+        except Exception as exc:  # one record's runtime failure must not end the run
+            result["error"] = f"line {number}: {type(exc).__name__}: {exc}"
+    if "error" not in result:
+        result["error"] = None
+    return {**original, FIELD: {"line": number, **result}}
+
+
+def _original(raw: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The input object to carry into the output, or (for a line that is not one) its text."""
+    if raw is None:
+        return {}, {}
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        obj = json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError:
+        return {}, {"input": text.rstrip("\r\n")}
+    if not isinstance(obj, dict):
+        return {}, {"input": text.rstrip("\r\n")}
+    obj.pop(FIELD, None)  # a re-judged output file: the old verdict is replaced, not nested
+    return obj, {}
+
+
+def _dump(row: dict[str, Any]) -> bytes:
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based number, bytes) per line; None for a line over MAX_LINE_BYTES (skipped, not held)."""
+    with open(path, "rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                yield number, None
+            else:
+                yield number, raw
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    last = b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def _finished_rows(out: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Complete, parseable lines of an earlier output file, with their end offsets."""
+    offset = 0
+    with open(out, "rb") as handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                return  # torn by a kill mid-write
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                return
+            if not isinstance(row, dict) or not isinstance(row.get(FIELD), dict):
+                return
+            offset += len(raw)
+            yield offset, row
+
+
+def _check_finished(out: Path, source: Path) -> int:
+    """How many leading lines of `out` are done, after checking they were made from `source`."""
+    done = 0
+    inputs = _lines(source)
+    for _, row in _finished_rows(out):
+        number, raw = next(inputs, (None, None))
+        if number is None or row[FIELD].get("line") != number:
+            raise ValueError(f"{out} has more or other lines than {source}; it is not a partial run over it")
+        original, result = _original(raw)
+        carried = {k: v for k, v in row.items() if k != FIELD}
+        if carried != original or result.get("input", None) != row[FIELD].get("input"):
+            raise ValueError(f"{out} line {number} was not made from line {number} of {source}; not resuming")
+        done = number
+    return done
+
+
+def _finished_bytes(out: Path, done: int) -> int:
+    offset = 0
+    for index, (end, _) in enumerate(_finished_rows(out), start=1):
+        if index > done:
+            break
+        offset = end
+    return offset

@@ -1,0 +1,108 @@
+"""`dfj judge --data/--jsonl --out`: one output line per input line, in order; resume after a kill."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dfj.batch import judge_jsonl
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def batch_input(tiny_split, tmp_path_factory):
+    """A 30-record split with three bad lines mixed in."""
+    split = tiny_split("pointwise", 30)
+    folder = tmp_path_factory.mktemp("batch")
+    lines = (split / "data.jsonl").read_bytes().splitlines(keepends=True)
+    lines.insert(3, b'{"image": "images/missing.png", "label": "fake", "response": "r"}\n')
+    lines.insert(10, b"not json\n")
+    lines.insert(20, b'{"image": 5}\n')
+    data = folder / "data.jsonl"
+    data.write_bytes(b"".join(lines))
+    shutil.copytree(split / "images", folder / "images")
+    return data
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(batch_input, tiny, judges, tmp_path_factory):
+    judge = judges(tiny("pointwise"), max_new_tokens=NEW_TOKENS)
+    out = tmp_path_factory.mktemp("batch-out") / "results.jsonl"
+    summary = judge_jsonl(judge, batch_input, out)
+    return out, summary
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_one_line_per_input_line_in_order(batch_input, uninterrupted):
+    out, summary = uninterrupted
+    rows = _rows(out)
+    inputs = batch_input.read_bytes().splitlines()
+    assert len(rows) == len(inputs) == summary.lines == 33
+    assert [r["dfj"]["line"] for r in rows] == list(range(1, 34))
+    assert "image not found" in rows[3]["dfj"]["error"] and rows[3]["label"] == "fake"
+    assert rows[10]["dfj"]["error"].startswith("line 11: malformed JSON") and rows[10]["dfj"]["input"] == "not json"
+    assert rows[20]["dfj"]["error"] == "line 21: missing field 'label'"
+    judged = [r for i, r in enumerate(rows) if i not in (3, 10, 20)]
+    # The random tiny judge writes no verdict: its rows carry the output text and say so.
+    assert all(r["dfj"]["text"] and r["messages"] for r in judged)
+    assert summary.errors == 3 and summary.judged + summary.unparsed == 30
+
+
+def test_existing_output_is_not_overwritten_by_accident(batch_input, uninterrupted, tiny, judges):
+    judge = judges(tiny("pointwise"), max_new_tokens=NEW_TOKENS)
+    with pytest.raises(FileExistsError, match="--resume"):
+        judge_jsonl(judge, batch_input, uninterrupted[0])
+    with pytest.raises(ValueError, match="must not be the input"):
+        judge_jsonl(judge, batch_input, batch_input, overwrite=True)
+
+
+def test_resume_after_a_torn_line_gives_the_same_file(batch_input, uninterrupted, tiny, judges, tmp_path):
+    full = uninterrupted[0].read_bytes()
+    lines = full.splitlines(keepends=True)
+    partial = tmp_path / "results.jsonl"
+    partial.write_bytes(b"".join(lines[:12]) + lines[12][: len(lines[12]) // 2])  # killed mid-write
+    judge = judges(tiny("pointwise"), max_new_tokens=NEW_TOKENS)
+    summary = judge_jsonl(judge, batch_input, partial, resume=True)
+    assert summary.resumed == 12 and summary.judged + summary.unparsed + summary.errors == 21
+    assert partial.read_bytes() == full
+
+
+def test_resume_refuses_an_output_of_other_input(batch_input, uninterrupted, tiny, judges, tmp_path):
+    lines = uninterrupted[0].read_bytes().splitlines(keepends=True)
+    other = tmp_path / "results.jsonl"
+    row = json.loads(lines[1])
+    row["label"] = "real" if row.get("label") != "real" else "fake"
+    other.write_bytes(lines[0] + (json.dumps(row) + "\n").encode())
+    judge = judges(tiny("pointwise"), max_new_tokens=NEW_TOKENS)
+    with pytest.raises(ValueError, match="line 2 was not made from line 2"):
+        judge_jsonl(judge, batch_input, other, resume=True)
+
+
+def test_cli_killed_then_resumed_matches_an_uninterrupted_run(batch_input, uninterrupted, tiny, tmp_path):
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "dfj.cli", "judge", str(tiny("pointwise")), "--jsonl", str(batch_input),
+               "--out", str(out), "--max-new-tokens", str(NEW_TOKENS)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 5:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    done = out.read_bytes().count(b"\n")
+    assert 5 <= done < 33
+    rerun = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done} done by an earlier run" in rerun.stdout
+    assert out.read_bytes() == uninterrupted[0].read_bytes()
