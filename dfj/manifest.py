@@ -120,6 +120,11 @@ def verify(folder: str | os.PathLike, manifest: Manifest | None = None) -> Manif
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(f"{folder}: file {name} does not match its checksum (tampered or corrupt)")
+    # A file added after export (a planted weight shard or module) is tampering too.
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if (path.is_file() or path.is_symlink()) and name != MANIFEST_NAME and name not in manifest.files:
+            raise ArtifactError(f"{folder}: file {name} is not listed in {MANIFEST_NAME} (added after export)")
     return manifest
 
 

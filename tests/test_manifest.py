@@ -30,6 +30,12 @@ def test_changed_missing_and_escaping_files_are_named(tmp_path):
     (tmp_path / "sub" / "b.txt").unlink()
     with pytest.raises(ArtifactError, match="missing file sub/b.txt"):
         verify(tmp_path)
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    (tmp_path / "sub" / "planted.py").write_text("import os")
+    with pytest.raises(ArtifactError, match="file sub/planted.py is not listed in dfj.json"):
+        verify(tmp_path)
+    (tmp_path / "sub" / "planted.py").unlink()
+    assert verify(tmp_path)
     data = json.loads((tmp_path / "dfj.json").read_text())
     data["files"] = {"../outside": "0" * 64}
     (tmp_path / "dfj.json").write_text(json.dumps(data))

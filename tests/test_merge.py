@@ -143,6 +143,10 @@ def test_tampered_artifact_is_refused(merged, tmp_path):
     (artifact / "tokenizer.json").unlink()
     with pytest.raises(ArtifactError, match="missing file tokenizer.json"):
         dfj.load_judge(str(artifact))
+    shutil.copyfile(merged("pointwise") / "tokenizer.json", artifact / "tokenizer.json")
+    (artifact / "pytorch_model.bin").write_bytes(b"planted")  # a pickle transformers could prefer
+    with pytest.raises(ArtifactError, match="pytorch_model.bin is not listed in dfj.json"):
+        dfj.load_judge(str(artifact))
 
 
 def test_merging_a_merged_model_copies_it(merged, tmp_path):
