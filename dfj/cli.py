@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("judge", "export", "info", "demo")
+COMMANDS = ("judge", "export", "bench", "info", "demo")
 
 
 def _fail(message: str) -> None:
@@ -113,6 +113,45 @@ def export(
     from dfj.manifest import read_manifest
 
     print_manifest(path, read_manifest(path))
+
+
+@app.command()
+def bench(
+    artifacts: list[str] = typer.Argument(..., help="Exported judges to measure."),
+    reference: str = typer.Option(..., "--reference", help="The reference judge (base+LoRA or the bf16 merge)."),
+    data: Path = typer.Option(..., "--data", help="DFJ split folder (or JSONL file) with gold labels."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N records."),
+    mode: Optional[str] = typer.Option(None, help="pointwise or pairwise (default: from the reference)."),
+    runtime: Optional[str] = typer.Option(None, help="Runtime for the artifacts (default: what each format needs)."),
+    device: str = typer.Option("cpu", help="cpu or cuda, for every judge."),
+    dtype: Optional[str] = typer.Option(None, help="Artifacts' compute dtype (default: fp32 on CPU, bf16 on CUDA)."),
+    reference_dtype: Optional[str] = typer.Option(None, help="Reference compute dtype (default: as --dtype)."),
+    tolerance: Optional[str] = typer.Option(None, help="Gate, e.g. rmse=0.05,pearson=0.02,accuracy=1.0,parse=0.02,kld=0.05."),
+    report: Path = typer.Option(Path("bench-report"), "--report", help="Report folder (JSON, markdown, PNG, resumable cache)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference decoding limit."),
+) -> None:
+    """Quality, parity and cost of exported judges against a reference; exit 1 if any is out of tolerance."""
+    from dfj.bench.report import print_report
+    from dfj.bench.run import BenchError, BenchJudge, default_runtime, parse_tolerance, run_bench
+    from dfj.report import bench_progress
+
+    try:
+        gate = parse_tolerance(tolerance)
+        ref = BenchJudge(reference, "torch", device, reference_dtype or dtype, label="reference")
+        judges = [BenchJudge(a, runtime or default_runtime(a), device, dtype) for a in artifacts]
+        with bench_progress() as progress:
+            result = run_bench(ref, judges, data, report, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
+                               tolerance=gate, progress=progress)
+    except (BenchError, ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+        return
+    print_report(result)
+    typer.echo(f"report: {report / 'report.json'}, {report / 'report.md'}, {report / 'report.png'}")
+    if not result["passed"]:
+        for entry in result["artifacts"]:
+            for failure in entry["failures"]:
+                typer.secho(f"out of tolerance: {entry['name']}: {failure}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from dfj.images import PATCH_FACTOR, ImageInput, check_image, load_image, smart_
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
 from dfj.runtime import Runtime
-from dfj.verdicts import PairwiseVerdict, PointwiseVerdict
+from dfj.verdicts import PairwiseVerdict, PointwiseVerdict, failure
 
 Progress = Callable[[int, int], None]
 
@@ -99,10 +99,7 @@ class Judge:
     def _failed(self, index: int, record: Any, message: str) -> PointwiseVerdict | PairwiseVerdict:
         line = getattr(record, "line", None)
         where = f"record {index}" + (f" (line {line})" if line else "")
-        error = f"{where}: {message}"
-        if self.mode == "pointwise":
-            return PointwiseVerdict(score=None, reasoning=None, text="", error=error)
-        return PairwiseVerdict(choice=None, text="", error=error)
+        return failure(self.mode, f"{where}: {message}")
 
     # -- shared preparation --------------------------------------------------------------------
     def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...]):

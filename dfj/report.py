@@ -67,3 +67,26 @@ class progress_bar:
 
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
+
+
+class bench_progress:
+    """A progress bar per judge for `dfj bench`: usable as a `(name, done, total)` callback."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=console)
+        self._tasks: dict[str, object] = {}
+
+    def __enter__(self):
+        self._progress.__enter__()
+        return self
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(name, total=total)
+        self._progress.update(self._tasks[name], completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)

@@ -33,3 +33,10 @@ class PairwiseVerdict(_VerdictMixin):
 
 
 Verdict = PointwiseVerdict | PairwiseVerdict
+
+
+def failure(mode: str, error: str) -> Verdict:
+    """The verdict of a record that could not be judged."""
+    if mode == "pointwise":
+        return PointwiseVerdict(score=None, reasoning=None, text="", error=error)
+    return PairwiseVerdict(choice=None, text="", error=error)

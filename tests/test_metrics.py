@@ -36,3 +36,9 @@ def test_pairwise_accuracy_counts_failures_as_wrong():
     assert pairwise_quality([], []).accuracy is None
     with pytest.raises(ValueError):
         pairwise_quality(["A"], [])
+
+
+def test_spearman_uses_average_ranks_for_ties():
+    # ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4]; against [1, 2, 3, 4]: cov 4.5, var 4.5 and 5 (sums)
+    q = pointwise_quality([1, 2, 2, 3], [1, 2, 3, 4])
+    assert q.spearman == pytest.approx(4.5 / math.sqrt(4.5 * 5))

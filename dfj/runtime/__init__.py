@@ -16,6 +16,11 @@ RUNTIMES: dict[str, str] = {
     "torch": "dfj.runtime.torch:TorchRuntime",
 }
 
+# The runtime each artifact format needs by default (manifest `format`).
+RUNTIME_FOR_FORMAT: dict[str, str] = {
+    "safetensors": "torch",
+}
+
 INSTALL_HINTS: dict[str, str] = {
     "torch": "pip install 'dfj[torch]'",
 }
@@ -36,4 +41,4 @@ def create(name: str, source: Any, device: str, dtype: str | None, **options: An
     return runtime_class(name).load(source, device=device, dtype=dtype, **options)
 
 
-__all__ = ["RUNTIMES", "Runtime", "create", "runtime_class"]
+__all__ = ["RUNTIMES", "RUNTIME_FOR_FORMAT", "Runtime", "create", "runtime_class"]

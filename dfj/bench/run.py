@@ -1,0 +1,327 @@
+"""`dfj bench`: run a reference judge and exported judges over one DFJ split and compare them.
+
+Each judge runs in its own worker process (`dfj.bench.worker`) with a cache folder in the report
+folder, so an interrupted bench resumes. The report holds, per judge: quality against the gold labels,
+cost (load time, latency, throughput, peak memory, size), and for each artifact the deltas to the
+reference, verdict agreement and logit parity, with a tolerance gate. Keys are documented in
+`docs/bench.md` and versioned by `schema`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dfj.bench.metrics import pairwise_quality, pointwise_quality
+from dfj.bench.parity import TokenParity, summarize
+from dfj.bench.worker import STATS, WorkerSpec, finished
+
+SCHEMA = "dfj-bench/1"
+
+# Gate defaults: how much worse than the reference an artifact may be.
+DEFAULT_TOLERANCE: dict[str, float] = {
+    "rmse": 0.05,  # pointwise RMSE may rise by this much
+    "pearson": 0.02,  # pointwise Pearson may drop by this much
+    "accuracy": 1.0,  # pairwise accuracy may drop by this many percentage points
+    "parse": 0.02,  # parse-failure rate may rise by this much (a share of records)
+    "kld": 0.05,  # mean per-token KL(reference ‖ artifact), nats
+}
+
+# Published DeepfakeJudge numbers (NOTES.md §1), shown when the data is a real DFJ split.
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
+    "dfj-meta-human": {
+        "pointwise": {"7B rmse": 0.50, "7B pearson": 0.95},
+        "pairwise": {"7B accuracy": 0.989, "3B accuracy": 0.966},
+    },
+    "dfj-meta": {
+        "pointwise": {"7B rmse": 0.61, "7B pearson": 0.93, "3B rmse": 0.69, "3B pearson": 0.92},
+        "pairwise": {"7B accuracy": 0.962, "3B accuracy": 0.944},
+    },
+}
+
+Progress = Callable[[str, int, int], None]
+
+
+class BenchError(RuntimeError):
+    """The bench itself cannot run (bad data, unusable reference); artifact failures are reported."""
+
+
+@dataclass
+class BenchJudge:
+    source: str
+    runtime: str
+    device: str = "cpu"
+    dtype: str | None = None
+    label: str = ""  # table name
+
+    def name(self) -> str:
+        return self.label or Path(self.source.rstrip("/")).name or self.source
+
+
+def parse_tolerance(text: str | None) -> dict[str, float]:
+    """`rmse=0.05,kld=0.1` over the defaults; unknown keys and non-numbers are errors."""
+    tolerance = dict(DEFAULT_TOLERANCE)
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in DEFAULT_TOLERANCE:
+            raise ValueError(f"bad tolerance {item!r}: use key=value with keys {', '.join(DEFAULT_TOLERANCE)}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"bad tolerance {item!r}: {value!r} is not a number") from None
+        if not number >= 0:
+            raise ValueError(f"bad tolerance {item!r}: must be >= 0")
+        tolerance[key.strip()] = number
+    return tolerance
+
+
+def default_runtime(source: str) -> str:
+    """The runtime an artifact's format calls for (a merged or adapter folder: torch)."""
+    from dfj.runtime import RUNTIME_FOR_FORMAT
+    from dfj.sources import resolve
+
+    manifest = resolve(source, verify_files=False).manifest
+    return RUNTIME_FOR_FORMAT.get(manifest.format if manifest else "safetensors", "torch")
+
+
+def published_for(data: Path, mode: str) -> dict[str, float] | None:
+    parts = [p.lower() for p in data.resolve().parts]
+    for key in ("dfj-meta-human", "dfj-meta"):  # most specific first
+        if any(part.startswith(key) for part in parts):
+            return {"set": key, **PUBLISHED[key][mode]}  # type: ignore[dict-item]
+    return None
+
+
+def run_bench(
+    reference: BenchJudge,
+    artifacts: list[BenchJudge],
+    data: str | os.PathLike,
+    report_dir: str | os.PathLike,
+    *,
+    mode: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    tolerance: dict[str, float] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the bench and write report.json / report.md / report.png into `report_dir`."""
+    from dfj.data import read_split
+    from dfj.sources import resolve
+
+    tolerance = tolerance or dict(DEFAULT_TOLERANCE)
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    data = Path(data)
+    mode = mode or resolve(reference.source, verify_files=False).mode
+    split = read_split(data, mode=mode)
+    count = len(split.records) if limit is None else min(limit, len(split.records))
+    if count == 0:
+        raise BenchError(f"{data}: no usable {mode} records" + (f" ({len(split.errors)} bad lines)" if split.errors else ""))
+    for judge in artifacts:
+        other = resolve(judge.source, mode=mode, verify_files=False).mode
+        if other != mode:
+            raise BenchError(f"{judge.source} is a {other} judge; the bench data is {mode}")
+    records = split.records[:count]
+    gold = [r.gold_score if mode == "pointwise" else r.gold_choice for r in records]
+    has_gold = all(g is not None for g in gold)
+    data_hash = hashlib.sha256(split.path.read_bytes()).hexdigest()
+    common = dict(mode=mode, data=str(split.path), indices=list(range(count)), max_new_tokens=max_new_tokens)
+
+    ref_key = _cache_key(reference, "reference", data_hash, common)
+    ref_cache = report_dir / "cache" / ref_key
+    ref_run = _run_worker(reference, WorkerSpec(source=reference.source, role="reference", cache=str(ref_cache),
+                                                runtime=reference.runtime, device=reference.device,
+                                                dtype=reference.dtype, **common), progress)
+    if ref_run["error"]:
+        raise BenchError(f"the reference {reference.source} failed: {ref_run['error']}")
+    ref_rows = ref_run["rows"]
+    entries = []
+    for judge in artifacts:
+        key = _cache_key(judge, "artifact", data_hash, common, extra=ref_key)
+        run = _run_worker(judge, WorkerSpec(source=judge.source, role="artifact", cache=str(report_dir / "cache" / key),
+                                            runtime=judge.runtime, device=judge.device, dtype=judge.dtype,
+                                            reference_cache=str(ref_cache), **common), progress)
+        entries.append(_artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance))
+    report = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": {"path": str(split.path), "sha256": data_hash, "mode": mode, "records": count,
+                 "unreadable_lines": len(split.errors), "gold": has_gold, "published": published_for(data, mode)},
+        "tolerance": tolerance,
+        "reference": _judge_entry(reference, ref_run, mode, gold, has_gold),
+        "artifacts": entries,
+        "passed": all(e["passed"] for e in entries),
+    }
+    from dfj.bench.report import write_report
+
+    write_report(report, report_dir)
+    return report
+
+
+# -- workers ------------------------------------------------------------------------------------------
+def _cache_key(judge: BenchJudge, role: str, data_hash: str, common: dict, extra: str = "") -> str:
+    identity = {"source": _source_identity(judge.source), "runtime": judge.runtime, "device": judge.device,
+                "dtype": judge.dtype, "role": role, "data": data_hash, "extra": extra,
+                **{k: v for k, v in common.items() if k != "data"}}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", judge.name())[:40]
+    return f"{slug}-{digest}"
+
+
+def _source_identity(source: str) -> Any:
+    """What a cached verdict depends on: an artifact's file hashes, else the files' sizes and times."""
+    from dfj.sources import resolve
+
+    resolved = resolve(source, verify_files=False)
+    if resolved.manifest is not None:
+        return resolved.manifest.files
+    folders = [resolved.path] + ([resolved.base] if resolved.base else [])
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for folder in folders for p in sorted(Path(folder).iterdir()) if p.is_file()]
+
+
+def _run_worker(judge: BenchJudge, spec: WorkerSpec, progress: Progress | None) -> dict[str, Any]:
+    cache = Path(spec.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    spec_path = cache / "spec.json"
+    spec.write(spec_path)
+    log_path = cache / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dfj.bench.worker", str(spec_path)], stdout=subprocess.PIPE,
+                                stderr=log, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            parts = line.decode(errors="replace").split()
+            if len(parts) == 3 and parts[0] == "PROGRESS" and progress:
+                progress(judge.name(), int(parts[1]), int(parts[2]))
+        proc.wait()
+    error = None
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        error = f"worker exited with status {proc.returncode}: {tail[0]} (log: {log_path})"
+    rows = finished(cache)
+    stats = json.loads((cache / STATS).read_text()) if (cache / STATS).is_file() and not error else {}
+    if not error and len(rows) < len(spec.indices):
+        error = f"worker finished {len(rows)} of {len(spec.indices)} records (log: {log_path})"
+    return {"rows": rows, "stats": stats, "error": error}
+
+
+# -- aggregation ----------------------------------------------------------------------------------------
+def _prediction(mode: str, verdict: dict[str, Any]) -> Any:
+    return verdict.get("score") if mode == "pointwise" else verdict.get("choice")
+
+
+def _quality(mode: str, predictions: list, gold: list, has_gold: bool) -> dict[str, Any] | None:
+    if not has_gold:
+        return None
+    q = pointwise_quality(predictions, gold) if mode == "pointwise" else pairwise_quality(predictions, gold)
+    return q.to_dict()
+
+
+def _judge_entry(judge: BenchJudge, run: dict[str, Any], mode: str, gold: list, has_gold: bool) -> dict[str, Any]:
+    rows = [run["rows"][i] for i in sorted(run["rows"])][: len(gold)]
+    predictions = [_prediction(mode, r["verdict"]) for r in rows]
+    latencies = np.asarray([r["latency_s"] for r in rows], dtype=np.float64)
+    manifest = _manifest(judge.source)
+    entry: dict[str, Any] = {
+        "name": judge.name(),
+        "source": judge.source,
+        "runtime": judge.runtime,
+        "device": judge.device,
+        "dtype": judge.dtype,
+        "format": manifest.format if manifest else "source",
+        "quant": manifest.quant if manifest else "none",
+        "error": run["error"],
+        "quality": _quality(mode, predictions, gold, has_gold) if len(rows) == len(gold) else None,
+        "cost": {
+            "load_s": run["stats"].get("load_s"),
+            "latency_p50_s": float(np.percentile(latencies, 50)) if latencies.size else None,
+            "latency_p95_s": float(np.percentile(latencies, 95)) if latencies.size else None,
+            "records_per_s": float(latencies.size / latencies.sum()) if latencies.size and latencies.sum() > 0 else None,
+            "peak_rss_mb": run["stats"].get("peak_rss_mb"),
+            "size_bytes": _size_bytes(judge.source),
+        },
+    }
+    return entry
+
+
+def _artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance) -> dict[str, Any]:
+    entry = _judge_entry(judge, run, mode, gold, has_gold)
+    reference = _judge_entry(BenchJudge("", ""), {"rows": ref_rows, "stats": {}, "error": None}, mode, gold, has_gold)
+    rows = run["rows"]
+    agree = [
+        _prediction(mode, rows[i]["verdict"]) is not None
+        and _prediction(mode, rows[i]["verdict"]) == _prediction(mode, ref_rows[i]["verdict"])
+        for i in sorted(rows) if i in ref_rows
+    ]
+    parts = [TokenParity(**rows[i]["parity"]) for i in sorted(rows) if rows[i].get("parity")]
+    entry["agreement"] = float(np.mean(agree)) if agree else None
+    entry["parity"] = summarize(parts).to_dict()
+    entry["parity"]["errors"] = [rows[i]["parity_error"] for i in sorted(rows) if rows[i].get("parity_error")][:5]
+    entry["delta"] = _delta(entry["quality"], reference["quality"])
+    entry["failures"] = _gate(mode, entry, reference["quality"], tolerance)
+    entry["passed"] = not entry["failures"]
+    return entry
+
+
+def _delta(quality: dict | None, reference: dict | None) -> dict[str, float | None] | None:
+    if quality is None or reference is None:
+        return None
+    keys = ("rmse", "pearson", "spearman", "exact", "accuracy", "parse_failure_rate")
+    return {k: (None if quality.get(k) is None or reference.get(k) is None else quality[k] - reference[k])
+            for k in keys if k in quality}
+
+
+def _gate(mode: str, entry: dict[str, Any], reference: dict | None, tolerance: dict[str, float]) -> list[str]:
+    failures: list[str] = []
+    if entry["error"]:
+        return [f"run failed: {entry['error']}"]
+    delta = entry["delta"]
+    if delta is not None:
+        checks = [("parse_failure_rate", "parse", +1)]
+        checks += [("rmse", "rmse", +1), ("pearson", "pearson", -1)] if mode == "pointwise" else [("accuracy", "accuracy", -1)]
+        for metric, key, worse in checks:
+            value = delta.get(metric)
+            limit = tolerance[key] / (100.0 if key == "accuracy" else 1.0)
+            if value is None:
+                if entry["quality"].get(metric) is None and (reference or {}).get(metric) is not None:
+                    failures.append(f"{metric}: undefined for the artifact, defined for the reference")
+                continue
+            if worse * value > limit + 1e-12:
+                shown = f"{value * 100:+.2f} points" if key == "accuracy" else f"{value:+.4f}"
+                failures.append(f"{metric}: {shown} vs reference, tolerance {tolerance[key]:g}")
+    kld = entry["parity"]["kld_mean"]
+    if kld is None:
+        failures.append("kld: no token could be compared with the reference")
+    elif kld > tolerance["kld"]:
+        failures.append(f"kld: mean {kld:.4g} > {tolerance['kld']:g}")
+    return failures
+
+
+def _manifest(source: str):
+    from dfj.sources import resolve
+
+    try:
+        return resolve(source, verify_files=False).manifest
+    except Exception:
+        return None
+
+
+def _size_bytes(source: str) -> int | None:
+    from dfj.sources import resolve
+
+    try:
+        resolved = resolve(source, verify_files=False)
+    except Exception:
+        return None
+    folders = [resolved.path] + ([resolved.base] if resolved.base else [])
+    return sum(p.stat().st_size for folder in folders for p in Path(folder).rglob("*") if p.is_file())

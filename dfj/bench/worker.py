@@ -1,0 +1,150 @@
+"""One judge's bench run, in its own process: `python -m dfj.bench.worker SPEC.json`.
+
+A process per judge gives each its own load time and peak memory, and an artifact that crashes its
+runtime cannot take the bench down. Every finished record is appended (and flushed) to the judge's
+cache folder, so an interrupted bench resumes where it stopped. Progress goes to stdout as
+`PROGRESS done total` lines for the parent's progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfj.bench.parity import ReferenceRows, token_parity
+from dfj.verdicts import failure
+
+VERDICTS = "verdicts.jsonl"
+STATS = "stats.json"
+
+
+@dataclass
+class WorkerSpec:
+    source: str
+    role: str  # "reference" keeps its logit rows; "artifact" is compared with them
+    mode: str
+    data: str
+    indices: list[int]
+    cache: str
+    runtime: str = "torch"
+    device: str = "cpu"
+    dtype: str | None = None
+    max_new_tokens: int | None = None
+    reference_cache: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
+
+    @classmethod
+    def read(cls, path: Path) -> "WorkerSpec":
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def finished(cache: Path) -> dict[int, dict[str, Any]]:
+    """Rows already done, by record index (complete lines only: a kill can tear the last one)."""
+    rows: dict[int, dict[str, Any]] = {}
+    path = Path(cache) / VERDICTS
+    if not path.is_file():
+        return rows
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            rows[row["index"]] = row
+    return rows
+
+
+def _rewrite_complete(path: Path, rows: dict[int, dict[str, Any]]) -> None:
+    """Drop a torn last line before appending after it."""
+    if path.is_file():
+        path.write_bytes(b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows.values()))
+
+
+def run(spec: WorkerSpec) -> None:
+    import dfj
+    from dfj.data import read_split
+
+    cache = Path(spec.cache)
+    (cache / "parity").mkdir(parents=True, exist_ok=True)
+    done = finished(cache)
+    _rewrite_complete(cache / VERDICTS, done)
+    todo = [i for i in spec.indices if i not in done]
+    reference_rows = finished(Path(spec.reference_cache)) if spec.reference_cache else {}
+    stats: dict[str, Any] = {"load_s": None, "peak_rss_mb": None, "judged_this_run": 0}
+    print(f"PROGRESS {len(spec.indices) - len(todo)} {len(spec.indices)}", flush=True)
+    if todo:
+        records = read_split(spec.data, mode=spec.mode).records
+        started = time.perf_counter()
+        judge = dfj.load_judge(spec.source, runtime=spec.runtime, device=spec.device, dtype=spec.dtype,
+                               mode=spec.mode, max_new_tokens=spec.max_new_tokens, **spec.options)
+        stats["load_s"] = time.perf_counter() - started
+        with open(cache / VERDICTS, "ab") as sink:
+            for count, index in enumerate(todo, start=len(spec.indices) - len(todo) + 1):
+                row = _judge_one(judge, records[index], index, spec, cache, reference_rows.get(index))
+                sink.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+                sink.flush()
+                stats["judged_this_run"] += 1
+                print(f"PROGRESS {count} {len(spec.indices)}", flush=True)
+        stats["peak_rss_mb"] = peak_rss_mb()
+    elif (cache / STATS).is_file():  # all cached: keep the cost measured by the run that judged
+        stats = {**json.loads((cache / STATS).read_text(encoding="utf-8")), "judged_this_run": 0}
+    (cache / STATS).write_text(json.dumps(stats), encoding="utf-8")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+    fork+exec, so a worker started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _judge_one(judge, record, index: int, spec: WorkerSpec, cache: Path, reference: dict | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        verdict = judge.judge(record)
+    except Exception as exc:  # a record the runtime cannot judge is a failure of this artifact, not the bench
+        verdict = failure(spec.mode, f"record {index}: {type(exc).__name__}: {exc}")
+    latency = time.perf_counter() - started
+    row: dict[str, Any] = {"index": index, "latency_s": latency, "verdict": verdict.to_dict(), "parity": None,
+                           "parity_error": None}
+    text = verdict.text if spec.role == "reference" else (reference or {}).get("verdict", {}).get("text")
+    if not text:
+        return row  # nothing to teacher-force on: no parity for this record
+    try:
+        tokens = judge.runtime.tokenize(text)
+        logprobs = judge.logprobs(record.image, record.label, *record.responses(), continuation=text)
+        if spec.role == "reference":
+            ReferenceRows.from_logprobs(logprobs, tokens).save(cache / "parity" / f"{index}.npz")
+            row["parity"] = {"tokens": len(tokens)}
+        else:
+            rows = ReferenceRows.load(Path(spec.reference_cache) / "parity" / f"{index}.npz")
+            row["parity"] = asdict(token_parity(rows, logprobs, tokens))
+    except Exception as exc:
+        row["parity_error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m dfj.bench.worker SPEC.json")
+    run(WorkerSpec.read(Path(args[0])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""`dfj bench` end to end on the trained tiny pairwise judge: reference base+LoRA, merged fp32 and bf16."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dfj.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+LIMIT = 12
+
+REPORT_KEYS = {"schema", "created", "data", "tolerance", "reference", "artifacts", "passed"}
+JUDGE_KEYS = {"name", "source", "runtime", "device", "dtype", "format", "quant", "error", "quality", "cost"}
+ARTIFACT_KEYS = JUDGE_KEYS | {"agreement", "parity", "delta", "failures", "passed"}
+COST_KEYS = {"load_s", "latency_p50_s", "latency_p95_s", "records_per_s", "peak_rss_mb", "size_bytes"}
+PARITY_KEYS = {"tokens", "kld_mean", "kld_p99", "kld_max", "rms_delta_p", "top1_agreement", "errors"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from dfj.export import merge
+    from dfj.testing import trained_tiny_judge, trained_tiny_split
+
+    root = tmp_path_factory.mktemp("bench")
+    reference = trained_tiny_judge("pairwise")
+    fp32 = merge(reference, root / "merged-fp32", dtype="float32")
+    bf16 = merge(reference, root / "merged-bf16", dtype="bfloat16")
+    return {"root": root, "reference": reference, "fp32": fp32, "bf16": bf16,
+            "data": trained_tiny_split("pairwise", "test")}
+
+
+def _args(setup, report, *extra):
+    return ["bench", str(setup["fp32"]), str(setup["bf16"]), "--reference", str(setup["reference"]),
+            "--data", str(setup["data"]), "--limit", str(LIMIT), "--report", str(report), *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    report = setup["root"] / "report"
+    result = runner.invoke(app, _args(setup, report))
+    return result, report, json.loads((report / "report.json").read_text())
+
+
+def test_bench_passes_lossless_and_measures_lossy(first_run):
+    result, _, report = first_run
+    assert result.exit_code == 0, result.output
+    fp32, bf16 = report["artifacts"]
+    assert report["passed"] and fp32["passed"] and bf16["passed"]
+    assert fp32["parity"]["kld_max"] < 1e-8 and fp32["parity"]["top1_agreement"] == 1.0 and fp32["agreement"] == 1.0
+    assert fp32["delta"]["accuracy"] == 0.0
+    # bf16 weights move the logits measurably, far less than the gate allows
+    assert 1e-9 < bf16["parity"]["kld_mean"] < 0.01 and bf16["parity"]["rms_delta_p"] > 0
+    assert bf16["cost"]["size_bytes"] < 0.6 * fp32["cost"]["size_bytes"]
+    assert report["reference"]["quality"]["accuracy"] >= 0.75 and report["data"]["published"] is None
+
+
+def test_report_schema_markdown_and_figure(first_run):
+    _, folder, report = first_run
+    assert set(report) == REPORT_KEYS and report["schema"] == "dfj-bench/1"
+    assert set(report["reference"]) == JUDGE_KEYS and set(report["reference"]["cost"]) == COST_KEYS
+    for entry in report["artifacts"]:
+        assert set(entry) == ARTIFACT_KEYS and set(entry["parity"]) == PARITY_KEYS
+        assert entry["parity"]["tokens"] >= LIMIT * 3  # `<answer>X</answer>` is several tokens per record
+        assert entry["cost"]["peak_rss_mb"] > 100 and entry["cost"]["latency_p50_s"] > 0
+    assert set(report["data"]) == {"path", "sha256", "mode", "records", "unreadable_lines", "gold", "published"}
+    markdown = (folder / "report.md").read_text()
+    assert markdown.count("\n| ") == 4 and "merged-bf16" in markdown and "Overall: PASS" in markdown
+    assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_fails_past_tolerance_and_reuses_the_cache(setup, first_run):
+    _, folder, _ = first_run
+    started = time.perf_counter()
+    result = runner.invoke(app, _args(setup, folder, "--tolerance", "kld=0"))
+    assert result.exit_code == 1
+    assert "out of tolerance: merged-bf16: kld: mean" in result.output
+    report = json.loads((folder / "report.json").read_text())
+    assert not report["passed"] and report["tolerance"]["kld"] == 0
+    assert time.perf_counter() - started < 60  # verdicts came from the cache, no judging
+    for stats in folder.glob("cache/*/stats.json"):
+        assert json.loads(stats.read_text())["judged_this_run"] == 0
+    result = runner.invoke(app, _args(setup, folder, "--tolerance", "speed=1"))
+    assert result.exit_code == 2 and "bad tolerance" in result.output
+
+
+def test_interrupted_bench_resumes_with_the_same_verdicts(setup, first_run, tmp_path):
+    folder = tmp_path / "report"
+    command = [sys.executable, "-m", "dfj.cli", *_args(setup, folder)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [p for p in folder.glob("cache/merged-fp32-*/verdicts.jsonl") if p.read_bytes().count(b"\n") >= 4]
+        if partial:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL
+    done_before = partial[0].read_bytes().count(b"\n")
+    assert 4 <= done_before < LIMIT
+    result = runner.invoke(app, _args(setup, folder))
+    assert result.exit_code == 0, result.output
+    stats = json.loads((partial[0].parent / "stats.json").read_text())
+    assert stats["judged_this_run"] == LIMIT - done_before
+    first = json.loads((first_run[1] / "report.json").read_text())
+    again = json.loads((folder / "report.json").read_text())
+    for a, b in zip(first["artifacts"], again["artifacts"]):
+        assert a["quality"] == b["quality"] and a["agreement"] == b["agreement"]
+        assert a["parity"]["kld_mean"] == pytest.approx(b["parity"]["kld_mean"], rel=1e-6, abs=1e-12)

@@ -1,0 +1,99 @@
+"""The bench's arithmetic and gate, by hand: KL statistics, tolerance parsing, gate verdicts."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dfj.bench.parity import ReferenceRows, summarize, token_parity
+from dfj.bench.run import DEFAULT_TOLERANCE, _gate, parse_tolerance, published_for
+
+
+def _log_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    return (x - np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)) - x.max(axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_kl_is_exact_when_top_k_covers_the_vocabulary():
+    ref = _log_softmax([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.5, 0.1]])
+    art = _log_softmax([[1.5, 1.2, 0.1, -1.0], [0.2, 2.0, 0.5, 0.3]])
+    tokens = [0, 1]
+    rows = ReferenceRows.from_logprobs(ref, tokens, k=4)
+    parity = token_parity(rows, art, tokens)
+    p, q = np.exp(ref.astype(np.float64)), np.exp(art.astype(np.float64))
+    expected = (p * (np.log(p) - np.log(q))).sum(axis=1)
+    assert parity.kl == pytest.approx(expected.tolist(), rel=1e-5)
+    assert parity.delta_p == pytest.approx([q[0, 0] - p[0, 0], q[1, 1] - p[1, 1]], rel=1e-5)
+    assert parity.top1 == [True, True]
+
+
+def test_top_k_kl_is_the_coarsened_kl_and_never_exceeds_the_full_one():
+    rng = np.random.default_rng(0)
+    ref = _log_softmax(rng.normal(size=(5, 50)) * 3)
+    art = _log_softmax(ref + rng.normal(size=(5, 50)) * 0.3)
+    tokens = ref.argmax(axis=1).tolist()
+    full = token_parity(ReferenceRows.from_logprobs(ref, tokens, k=50), art, tokens).kl
+    top = token_parity(ReferenceRows.from_logprobs(ref, tokens, k=5), art, tokens).kl
+    assert all(0 <= t <= f + 1e-9 for t, f in zip(top, full))
+    # by hand for row 0: five buckets plus the rest
+    rows = ReferenceRows.from_logprobs(ref, tokens, k=5)
+    p = np.exp(rows.logprobs[0].astype(np.float64))
+    q = np.exp(art[0, rows.ids[0]].astype(np.float64))
+    by_hand = (p * np.log(p / q)).sum() + (1 - p.sum()) * math.log((1 - p.sum()) / (1 - q.sum()))
+    assert top[0] == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_identical_distributions_agree_fully_and_tokenizer_mismatch_is_an_error():
+    ref = _log_softmax(np.random.default_rng(1).normal(size=(3, 20)))
+    rows = ReferenceRows.from_logprobs(ref, [1, 2, 3], k=8)
+    same = token_parity(rows, ref, [1, 2, 3])
+    assert max(same.kl) < 1e-6 and max(map(abs, same.delta_p)) < 1e-6 and all(same.top1)
+    summary = summarize([same, same])
+    assert summary.tokens == 6 and summary.top1_agreement == 1.0 and summary.kld_max < 1e-6
+    assert summarize([]).kld_mean is None
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        token_parity(rows, ref[:2], [1, 2])
+
+
+def test_reference_rows_round_trip_without_pickle(tmp_path):
+    ref = _log_softmax(np.random.default_rng(2).normal(size=(4, 30)))
+    rows = ReferenceRows.from_logprobs(ref, [0, 1, 2, 3], k=6)
+    rows.save(tmp_path / "r.npz")
+    back = ReferenceRows.load(tmp_path / "r.npz")
+    assert np.array_equal(back.ids, rows.ids) and np.array_equal(back.logprobs, rows.logprobs)
+    assert (np.diff(rows.logprobs, axis=1) <= 0).all()  # sorted, most likely first
+
+
+def test_tolerance_parsing():
+    assert parse_tolerance(None) == DEFAULT_TOLERANCE
+    assert parse_tolerance("rmse=0.1, kld=0.5")["rmse"] == 0.1
+    for bad in ("rmse", "speed=1", "kld=abc", "kld=-1"):
+        with pytest.raises(ValueError, match="bad tolerance"):
+            parse_tolerance(bad)
+
+
+def _entry(quality, delta, kld=1e-3, error=None):
+    return {"quality": quality, "delta": delta, "parity": {"kld_mean": kld}, "error": error}
+
+
+def test_gate_names_each_metric_out_of_tolerance():
+    tol = dict(DEFAULT_TOLERANCE)
+    ref = {"rmse": 0.5, "pearson": 0.9, "parse_failure_rate": 0.0}
+    good = _entry({"rmse": 0.52, "pearson": 0.89, "parse_failure_rate": 0.0}, {"rmse": 0.02, "pearson": -0.01, "parse_failure_rate": 0.0})
+    assert _gate("pointwise", good, ref, tol) == []
+    bad = _entry({"rmse": 0.6, "pearson": 0.85, "parse_failure_rate": 0.05}, {"rmse": 0.1, "pearson": -0.05, "parse_failure_rate": 0.05}, kld=0.2)
+    failures = _gate("pointwise", bad, ref, tol)
+    assert [f.split(":")[0] for f in failures] == ["parse_failure_rate", "rmse", "pearson", "kld"]
+    undefined = _entry({"rmse": None, "pearson": None, "parse_failure_rate": 1.0}, {"rmse": None, "pearson": None, "parse_failure_rate": 1.0})
+    assert any("undefined for the artifact" in f for f in _gate("pointwise", undefined, ref, tol))
+    pair_ref = {"accuracy": 0.9, "parse_failure_rate": 0.0}
+    assert _gate("pairwise", _entry({"accuracy": 0.895, "parse_failure_rate": 0}, {"accuracy": -0.005, "parse_failure_rate": 0}), pair_ref, tol) == []
+    assert "accuracy: -2.00 points" in _gate("pairwise", _entry({"accuracy": 0.88, "parse_failure_rate": 0}, {"accuracy": -0.02, "parse_failure_rate": 0}), pair_ref, tol)[0]
+    assert _gate("pairwise", _entry(None, None, kld=None), None, tol) == ["kld: no token could be compared with the reference"]
+    assert _gate("pairwise", _entry(None, None, error="boom"), None, tol) == ["run failed: boom"]
+
+
+def test_published_numbers_only_for_real_dfj_splits(tmp_path):
+    assert published_for(tmp_path / "dfj-meta" / "dfj-meta-pointwise" / "test", "pointwise")["7B rmse"] == 0.61
+    assert published_for(tmp_path / "dfj-meta-human" / "pairwise", "pairwise")["7B accuracy"] == 0.989
+    assert published_for(tmp_path / "splits" / "pointwise" / "test", "pointwise") is None
