@@ -37,7 +37,7 @@ def judge(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --out file."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
-    runtime: str = typer.Option("torch", help="Runtime: torch."),
+    runtime: Optional[str] = typer.Option(None, help="Runtime: torch or onnx (default: what the artifact's format needs)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
@@ -94,7 +94,7 @@ def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool) -> None:
 def export(
     source: str = typer.Argument(..., help="Model folder, adapter folder, dfj artifact or Hugging Face id."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
-    quant: str = typer.Option("none", "--quant", help="Format: none (merged safetensors)."),
+    quant: str = typer.Option("none", "--quant", help="Format: none (merged safetensors), onnx-fp32, onnx-int8, onnx-int4."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
     dtype: str = typer.Option("auto", help="Saved dtype: auto (the checkpoint's), float32, bfloat16, float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),

@@ -1,9 +1,9 @@
 """`dfj demo`: the whole path on a fresh machine, offline.
 
 Uses the trained tiny DFJ judges (pointwise and pairwise LoRA adapters on a small Qwen2.5-VL trained
-here on a synthetic DFJ-like task; trained once per machine and cached), merges each LoRA into a
-standalone artifact, and judges held-out test records with both the reference (base + adapter) and
-the merged artifact: quality against the gold labels, verdict agreement and logit parity.
+here on a synthetic DFJ-like task; trained once per machine and cached), exports each judge in every
+format dfj supports, and runs `dfj bench` on held-out test records against the reference (base +
+adapter, unmerged): quality against the gold labels, verdict agreement, logit parity and cost.
 """
 
 from __future__ import annotations
@@ -12,70 +12,64 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-from rich.table import Table
+from dfj.report import bench_progress, console
 
-from dfj.report import console, progress_bar
+# (artifact name, --quant, export options, lossless): every export path dfj has. A lossless artifact
+# must pass the bench gate for the demo to succeed; a lossy one shows its measured gate result.
+DEMO_EXPORTS: tuple[tuple[str, str, dict, bool], ...] = (
+    ("merged-fp32", "none", {"dtype": "float32"}, True),
+    ("merged-bf16", "none", {"dtype": "bfloat16"}, False),
+    ("onnx-fp32", "onnx-fp32", {}, True),
+    ("onnx-int8", "onnx-int8", {}, False),
+    ("onnx-int4", "onnx-int4", {}, False),
+)
 
 
 def default_cache() -> Path:
     return Path(os.environ.get("DFJ_CACHE") or Path.home() / ".cache" / "dfj")
 
 
-def _quality(mode: str, verdicts, records) -> str:
-    from dfj.bench.metrics import pairwise_quality, pointwise_quality
-
-    if mode == "pointwise":
-        q = pointwise_quality([v.score for v in verdicts], [r.gold_score for r in records])
-        pearson = "n/a" if q.pearson is None else f"{q.pearson:.3f}"
-        rmse = "n/a" if q.rmse is None else f"{q.rmse:.3f}"
-        return f"RMSE {rmse} / Pearson {pearson}"
-    q = pairwise_quality([v.choice for v in verdicts], [r.gold_choice for r in records])
-    return f"accuracy {100 * (q.accuracy or 0):.1f} %"
-
-
 def run_demo(cache: Path | None = None, records: int = 40) -> bool:
-    import dfj
-    from dfj.data import read_split
-    from dfj.export import merge
-    from dfj.manifest import read_manifest
+    from dfj.bench.report import print_report
+    from dfj.bench.run import BenchJudge, default_runtime, run_bench
+    from dfj.export import export
+    from dfj.manifest import read_manifest, verify
     from dfj.testing import trained_tiny_judge, trained_tiny_split
 
     if cache is not None:
         os.environ["DFJ_CACHE"] = str(cache)
     root = default_cache() / "demo"
     started = time.perf_counter()
-    summary = Table(title=f"DFJ tiny judges: reference (base+LoRA) vs merged artifact, {records} held-out records per mode")
-    for column in ("mode", "judge", "quality vs gold", "parse fail", "same verdict", "max |Δ logprob|", "size MB"):
-        summary.add_column(column)
-    ok = True
+    passed = True
     for mode in ("pointwise", "pairwise"):
         adapter = trained_tiny_judge(mode)
-        console.print(f"[bold]{mode}[/bold]: merging {adapter} -> {root / mode}")
-        artifact = merge(adapter, root / mode, overwrite=True)
-        batch = read_split(trained_tiny_split(mode, "test")).records[:records]
-        reference = dfj.load_judge(str(adapter))
-        merged = dfj.load_judge(str(artifact))
-        with progress_bar(f"{mode}: base+LoRA") as progress:
-            ref_verdicts = reference.judge_many(batch, progress)
-        with progress_bar(f"{mode}: merged") as progress:
-            art_verdicts = merged.judge_many(batch, progress)
-        same = sum(a.text == b.text for a, b in zip(ref_verdicts, art_verdicts))
-        worst = 0.0
-        for record, verdict in list(zip(batch, ref_verdicts))[:3]:
-            if verdict.text:
-                a = reference.logprobs(record.image, record.label, *record.responses(), continuation=verdict.text)
-                b = merged.logprobs(record.image, record.label, *record.responses(), continuation=verdict.text)
-                worst = max(worst, float(np.abs(a - b).max()))
-        ok &= same == len(batch) and worst <= 1e-4
-        size = sum(p.stat().st_size for p in Path(artifact).iterdir()) / 1e6
-        for name, verdicts, lp, mb in (("base+LoRA", ref_verdicts, "-", "-"), ("merged", art_verdicts, f"{worst:.1e}", f"{size:.0f}")):
-            fails = sum(v.error is not None for v in verdicts)
-            summary.add_row(mode, name, _quality(mode, verdicts, batch), f"{fails}/{len(batch)}",
-                            f"{same}/{len(batch)}" if name == "merged" else "-", lp, mb)
-        parity = read_manifest(artifact).parity
-        console.print(f"  merge probe: max |Δ logit| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['top1_agreement']:.3f}")
-    console.print(summary)
+        artifacts = []
+        for name, quant, options, _ in DEMO_EXPORTS:
+            out = root / mode / name
+            manifest = read_manifest(out) if out.is_dir() else None
+            current = manifest is not None and manifest.quant == quant and all(
+                manifest.source.get(k) == v for k, v in {"adapter_sha256": _sha(adapter), **options}.items())
+            if not current:
+                console.print(f"[bold]{mode}[/bold]: exporting {name} (--quant {quant}) -> {out}")
+                export(adapter, out, quant, overwrite=True, **options)
+            verify(out)
+            artifacts.append(BenchJudge(str(out), default_runtime(str(out)), label=name))
+        with bench_progress() as progress:
+            report = run_bench(BenchJudge(str(adapter), "torch", label="reference (base+LoRA)"), artifacts,
+                               trained_tiny_split(mode, "test"), root / mode / "bench", limit=records,
+                               progress=progress)
+        print_report(report)
+        console.print(f"report: {root / mode / 'bench' / 'report.md'}")
+        lossless = {name for name, _, _, exact in DEMO_EXPORTS if exact}
+        passed &= all(entry["passed"] for entry in report["artifacts"] if entry["name"] in lossless)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s: "
-                  + ("[green]the merged artifacts judge exactly as base+LoRA[/green]" if ok else "[red]PARITY FAILURE[/red]"))
-    return ok
+                  + ("[green]the lossless artifacts match the reference; lossy ones are measured above[/green]"
+                     if passed else "[red]a lossless artifact does not match the reference[/red]"))
+    return passed
+
+
+def _sha(adapter: Path) -> str:
+    from dfj.hf import ADAPTER_WEIGHTS
+    from dfj.manifest import sha256_file
+
+    return sha256_file(Path(adapter) / ADAPTER_WEIGHTS)

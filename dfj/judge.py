@@ -149,7 +149,7 @@ def _check_judgeable(name: str, response: str) -> None:
 
 def load_judge(
     source: str,
-    runtime: str = "torch",
+    runtime: str | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     mode: str | None = None,
@@ -160,6 +160,7 @@ def load_judge(
 ) -> Judge:
     """Load a judge from a local folder (merged model, adapter, dfj artifact) or a Hugging Face id.
 
+    `runtime=None` picks the runtime the artifact's format needs (`onnx` for an ONNX export, else `torch`).
     `verify=False` skips the checksum pass over the artifact files (it reads every byte).
     """
     from dfj import runtime as runtimes
@@ -173,6 +174,8 @@ def load_judge(
             "its verdicts may differ from the ones it was checked with",
             stacklevel=2,
         )
+    if runtime is None:  # what the artifact's format needs: torch for model folders, onnx for ONNX, …
+        runtime = runtimes.runtime_for(resolved.manifest)
     backend = runtimes.create(runtime, resolved, device=device, dtype=dtype, **options)
     return Judge(runtime=backend, mode=resolved.mode, source=resolved.name, manifest=resolved.manifest,
                  max_new_tokens=max_new_tokens, info={"kind": resolved.kind})

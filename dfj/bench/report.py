@@ -139,7 +139,7 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_column(column, overflow="fold")
     for row in rows(report):
         table.add_row(*[row[i] for i in keep])
-    wide = console if console.is_terminal else Console(width=170)  # logs: one line per judge
+    wide = console if console.is_terminal else Console(width=190)  # logs: one line per judge
     wide.print(table)
     if data.get("published"):
         console.print("published DeepfakeJudge numbers: " + ", ".join(f"{k} {v}" for k, v in data["published"].items()))

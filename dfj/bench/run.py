@@ -87,11 +87,10 @@ def parse_tolerance(text: str | None) -> dict[str, float]:
 
 def default_runtime(source: str) -> str:
     """The runtime an artifact's format calls for (a merged or adapter folder: torch)."""
-    from dfj.runtime import RUNTIME_FOR_FORMAT
+    from dfj.runtime import runtime_for
     from dfj.sources import resolve
 
-    manifest = resolve(source, verify_files=False).manifest
-    return RUNTIME_FOR_FORMAT.get(manifest.format if manifest else "safetensors", "torch")
+    return runtime_for(resolve(source, verify_files=False).manifest)
 
 
 def published_for(data: Path, mode: str) -> dict[str, float] | None:

@@ -1,7 +1,7 @@
 """Exporters: turn a judge source into a standalone artifact folder with a dfj manifest.
 
-`FORMATS` maps each `--quant` name to "module:function"; it is resolved lazily so a missing optional
-backend only matters when that format is asked for.
+`FORMATS` maps each `--quant` name to ("module:function", fixed options); it is resolved lazily so a
+missing optional backend only matters when that format is asked for.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMATS: dict[str, str] = {
-    "none": "dfj.export.lora_merge:export_merged",
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("dfj.export.lora_merge:export_merged", {}),
+    "onnx-fp32": ("dfj.export.onnx:export_onnx", {"quant": "fp32"}),
+    "onnx-int8": ("dfj.export.onnx:export_onnx", {"quant": "int8"}),
+    "onnx-int4": ("dfj.export.onnx:export_onnx", {"quant": "int4"}),
 }
 
 
@@ -20,9 +23,13 @@ def export(source: str | os.PathLike, out: str | os.PathLike, quant: str = "none
     """Export `source` (model folder, adapter folder, artifact or hub id) to `out` in format `quant`."""
     if quant not in FORMATS:
         raise ValueError(f"unknown --quant {quant!r}: available {', '.join(FORMATS)}")
-    module_name, attr = FORMATS[quant].split(":")
-    function = getattr(importlib.import_module(module_name), attr)
-    return function(source, out, **options)
+    target, fixed = FORMATS[quant]
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"--quant {quant} needs packages that are not installed ({exc.name}): pip install 'dfj[all]'") from exc
+    return getattr(module, attr)(source, out, **{**options, **fixed})
 
 
 def merge(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:

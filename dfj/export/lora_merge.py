@@ -24,6 +24,18 @@ MERGE_TOLERANCE = {"float32": 1e-4}
 MIN_COSINE = 0.999  # any dtype
 
 
+def adapter_record(resolved) -> dict[str, Any]:
+    """What a manifest records of the adapter an artifact was merged from (empty for a model)."""
+    if resolved.kind != "adapter":
+        return {}
+    return {
+        "adapter": str(resolved.path),
+        "adapter_layout": hf.adapter_key_layout(resolved.path),
+        "adapter_sha256": sha256_file(resolved.path / hf.ADAPTER_WEIGHTS),
+        "base": str(resolved.base),
+    }
+
+
 def export_merged(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -45,17 +57,11 @@ def export_merged(
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         model = hf.load_model(model_dir, dtype=hf.torch_dtype(saved_dtype, "cpu"))
-        adapter_info: dict[str, Any] = {}
+        adapter_info = adapter_record(resolved)
         if resolved.kind == "adapter":
             peft_model = hf.apply_adapter(model, resolved.path)
             reference = probe_logits(peft_model, processor, resolved.mode) if check else None
             model = peft_model.merge_and_unload()
-            adapter_info = {
-                "adapter": str(resolved.path),
-                "adapter_layout": hf.adapter_key_layout(resolved.path),
-                "adapter_sha256": sha256_file(resolved.path / hf.ADAPTER_WEIGHTS),
-                "base": str(model_dir),
-            }
         else:
             reference = probe_logits(model, processor, resolved.mode) if check else None
 

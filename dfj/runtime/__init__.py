@@ -14,16 +14,24 @@ from dfj.runtime.base import Runtime
 
 RUNTIMES: dict[str, str] = {
     "torch": "dfj.runtime.torch:TorchRuntime",
+    "onnx": "dfj.runtime.onnx:OnnxRuntime",
 }
 
 # The runtime each artifact format needs by default (manifest `format`).
 RUNTIME_FOR_FORMAT: dict[str, str] = {
     "safetensors": "torch",
+    "onnx": "onnx",
 }
 
 INSTALL_HINTS: dict[str, str] = {
     "torch": "pip install 'dfj[torch]'",
+    "onnx": "pip install 'dfj[onnx]'",
 }
+
+
+def runtime_for(manifest: Any) -> str:
+    """The runtime an artifact's format needs (a plain model or adapter folder: torch)."""
+    return RUNTIME_FOR_FORMAT.get(manifest.format if manifest else "", "torch")
 
 
 def runtime_class(name: str) -> type[Runtime]:
@@ -41,4 +49,4 @@ def create(name: str, source: Any, device: str, dtype: str | None, **options: An
     return runtime_class(name).load(source, device=device, dtype=dtype, **options)
 
 
-__all__ = ["RUNTIMES", "RUNTIME_FOR_FORMAT", "Runtime", "create", "runtime_class"]
+__all__ = ["RUNTIMES", "RUNTIME_FOR_FORMAT", "Runtime", "create", "runtime_class", "runtime_for"]

@@ -1,0 +1,140 @@
+"""ONNX export (three graphs) and the ONNX Runtime backend against the transformers reference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import dfj
+from dfj import prompts
+from dfj.cli import app
+from dfj.export import export
+from dfj.manifest import read_manifest, verify
+
+pytestmark = pytest.mark.slow
+
+CONTINUATION = "<reasoning>The blotch in the upper left is the edit; the seam is visible.</reasoning>\n<score>2</score>"
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    return {mode: export(tiny(mode, adapter=True), root / f"{mode}-fp32", "onnx-fp32") for mode in ("pointwise", "pairwise")}
+
+
+@pytest.fixture(scope="module")
+def varied_split(tmp_path_factory):
+    """Ten records on five images of different sizes and aspect ratios, per mode."""
+    from dfj.testing import build_tiny_dataset
+
+    root = tmp_path_factory.mktemp("varied")
+    return {mode: build_tiny_dataset(root / mode, mode, 10, responses_per_image=2) for mode in ("pointwise", "pairwise")}
+
+
+def _image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("size", [(84, 112), (300, 120), (56, 560), (448, 336)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fp32_logits_match_transformers_at_every_output_position(onnx_fp32, merged, judges, size):
+    """Each image size / aspect ratio gives its own vision grid, windows and M-RoPE positions."""
+    runtime = judges(onnx_fp32["pointwise"], runtime="onnx").runtime
+    reference = judges(merged("pointwise")).runtime
+    image = _image(*size)
+    chat = prompts.render_chat(prompts.render_pointwise("edited", "<reasoning>Odd seam.</reasoning> <answer>fake</answer>"))
+    ids = runtime.tokenize(CONTINUATION)
+    inputs = reference.encode(image, chat + CONTINUATION)
+    with torch.inference_mode():
+        expected = reference.model(**inputs, use_cache=False).logits[0, -len(ids) - 1:].numpy()
+    prompt_length = inputs["input_ids"].shape[1] - len(ids)
+    index = np.arange(prompt_length - 1, prompt_length + len(ids), dtype=np.int64)
+    got, *_ = runtime._prefill(image, chat, ids, index)
+    assert got.shape[1:] == expected.shape
+    assert np.abs(got[0] - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_fp32_greedy_output_identical_on_every_record(onnx_fp32, merged, judges, varied_split, mode):
+    from dfj.data import read_split
+
+    records = read_split(varied_split[mode]).records
+    sizes = {tuple(Image.open(r.image).size) for r in records}
+    assert len(sizes) >= 3  # several image sizes and aspect ratios
+    ours = judges(onnx_fp32[mode], max_new_tokens=NEW_TOKENS).judge_many(records)
+    theirs = judges(merged(mode), max_new_tokens=NEW_TOKENS).judge_many(records)
+    assert [v.text for v in ours] == [v.text for v in theirs]
+    assert all(v.text for v in ours)
+    lp_ours = judges(onnx_fp32[mode]).logprobs(records[0].image, records[0].label, *records[0].responses(), continuation=CONTINUATION)
+    lp_theirs = judges(merged(mode)).logprobs(records[0].image, records[0].label, *records[0].responses(), continuation=CONTINUATION)
+    assert np.abs(lp_ours - lp_theirs).max() <= 1e-4
+
+
+def test_artifact_records_graphs_and_loads_with_the_onnx_runtime_by_default(onnx_fp32, judges):
+    folder = onnx_fp32["pointwise"]
+    manifest = verify(folder)
+    assert manifest.format == "onnx" and manifest.quant == "onnx-fp32"
+    info = manifest.extra["onnx"]
+    assert info["graphs"] == {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
+    assert info["opset"] == 18 and info["quantization"] == {"method": "none"}
+    assert manifest.parity["max_abs_diff"] <= 1e-4 and manifest.parity["tolerance"] == 1e-4
+    judge = judges(folder)
+    assert judge.runtime.name == "onnx" and judge.describe()["providers"] == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="precision it was exported with"):
+        dfj.load_judge(str(folder), dtype="bfloat16")
+
+
+def test_cli_judges_an_onnx_artifact_as_the_merged_model(onnx_fp32, merged, tiny_split):
+    from dfj.data import read_split
+
+    record = read_split(tiny_split("pointwise", 10)).records[1]
+    args = ["--image", record.image, "--label", record.label, "--response", record.response, "--max-new-tokens", "8", "--json"]
+    runner = CliRunner()
+    ours = runner.invoke(app, ["judge", str(onnx_fp32["pointwise"]), *args])
+    theirs = runner.invoke(app, ["judge", str(merged("pointwise")), *args])
+    assert ours.exit_code == 0, ours.output
+    assert json.loads(ours.output) == json.loads(theirs.output)
+
+
+def test_external_data_layout_loads_and_matches(tiny, tmp_path, onnx_fp32, judges, tiny_split):
+    """The layout real 3B/7B graphs need (weights over 2 GB live in `<graph>.onnx.data`)."""
+    from dfj.data import read_split
+
+    folder = export(tiny("pointwise", adapter=True), tmp_path / "external", "onnx-fp32", external_data=True)
+    names = sorted(p.name for p in folder.iterdir() if "onnx" in p.name)
+    assert names == ["decoder.onnx", "decoder.onnx.data", "embed.onnx", "embed.onnx.data", "onnx.json",
+                     "vision.onnx", "vision.onnx.data"]
+    assert (folder / "decoder.onnx").stat().st_size < 1e6
+    record = read_split(tiny_split("pointwise", 10)).records[2]
+    a = dfj.load_judge(str(folder), max_new_tokens=NEW_TOKENS).judge(record)
+    b = judges(onnx_fp32["pointwise"], max_new_tokens=NEW_TOKENS).judge(record)
+    assert a.text == b.text
+
+
+# Stated bounds for the weight-quantized graphs on the trained tiny pointwise judge (measured on 40
+# records: int8 mean KLD 2.6e-5, int4 6.6e-4, top-1 agreement 1.0 and the same verdicts for both).
+QUANT_BOUNDS = {"int8": {"kld": 0.005, "top1": 0.98, "agree": 0.9}, "int4": {"kld": 0.02, "top1": 0.95, "agree": 0.85}}
+
+
+def test_quantized_graphs_stay_within_stated_bounds(tmp_path):
+    from dfj.bench.run import BenchJudge, run_bench
+    from dfj.testing import trained_tiny_judge, trained_tiny_split
+
+    adapter = trained_tiny_judge("pointwise")
+    artifacts = [BenchJudge(str(export(adapter, tmp_path / q, f"onnx-{q}")), "onnx", label=q) for q in QUANT_BOUNDS]
+    report = run_bench(BenchJudge(str(adapter), "torch", label="reference"), artifacts,
+                       trained_tiny_split("pointwise", "test"), tmp_path / "report", limit=8)
+    sizes = {}
+    for entry in report["artifacts"]:
+        bounds = QUANT_BOUNDS[entry["name"]]
+        parity = entry["parity"]
+        assert parity["tokens"] > 100 and parity["kld_mean"] <= bounds["kld"], parity
+        assert parity["top1_agreement"] >= bounds["top1"] and entry["agreement"] >= bounds["agree"], entry
+        decoder = tmp_path / entry["name"] / "decoder.onnx"
+        sizes[entry["name"]] = decoder.stat().st_size + sum(p.stat().st_size for p in decoder.parent.glob("decoder.onnx.data"))
+        assert read_manifest(tmp_path / entry["name"]).quant == f"onnx-{entry['name']}"
+    assert sizes["int4"] < sizes["int8"]
