@@ -24,6 +24,7 @@ class PointwiseRecord:
     response: str
     gold_score: int | None = None
     line: int | None = None  # 1-based line in the source JSONL
+    gold_text: str | None = None  # the gold judge output, when the record carries it (ms-swift form)
 
     mode = "pointwise"
 
@@ -39,6 +40,7 @@ class PairwiseRecord:
     response_b: str
     gold_choice: Literal["A", "B"] | None = None
     line: int | None = None
+    gold_text: str | None = None
 
     mode = "pairwise"
 
@@ -194,7 +196,7 @@ def _from_messages(obj: dict[str, Any]) -> dict[str, Any]:
         gold_text = assistants[-1].get("content")
         if not isinstance(gold_text, str):
             raise RecordProblem("assistant message content must be a string")
-    fields: dict[str, Any] = {"image": _image_field(obj)}
+    fields: dict[str, Any] = {"image": _image_field(obj), "gold_text": gold_text}
     point = prompts.parse_prompt("pointwise", prompt)
     pair = None if point else prompts.parse_prompt("pairwise", prompt)
     if point is not None:

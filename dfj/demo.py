@@ -22,6 +22,7 @@ DEMO_EXPORTS: tuple[tuple[str, str, dict, bool], ...] = (
     ("onnx-fp32", "onnx-fp32", {}, True),
     ("onnx-int8", "onnx-int8", {}, False),
     ("onnx-int4", "onnx-int4", {}, False),
+    ("gptq-4bit", "gptq-4bit", {"samples": 128}, False),  # calibrated on the judge's training split
 )
 
 
@@ -47,11 +48,13 @@ def run_demo(cache: Path | None = None, records: int = 40) -> bool:
         for name, quant, options, _ in DEMO_EXPORTS:
             out = root / mode / name
             manifest = read_manifest(out) if out.is_dir() else None
+            wanted = {"adapter_sha256": _sha(adapter), **{k: v for k, v in options.items() if k == "dtype"}}
             current = manifest is not None and manifest.quant == quant and all(
-                manifest.source.get(k) == v for k, v in {"adapter_sha256": _sha(adapter), **options}.items())
+                manifest.source.get(k) == v for k, v in wanted.items())
             if not current:
                 console.print(f"[bold]{mode}[/bold]: exporting {name} (--quant {quant}) -> {out}")
-                export(adapter, out, quant, overwrite=True, **options)
+                extra = {"calibration": trained_tiny_split(mode, "train")} if quant.startswith("gptq") else {}
+                export(adapter, out, quant, overwrite=True, **options, **extra)
             verify(out)
             artifacts.append(BenchJudge(str(out), default_runtime(str(out)), label=name))
         with bench_progress() as progress:

@@ -60,13 +60,21 @@ def load_model(folder: Path, dtype=None, device: str = "cpu"):
         raise ArtifactError(f"{folder}: no config.json; not a model folder")
     if not any(folder.glob("*.safetensors")):
         raise ArtifactError(f"{folder}: no .safetensors weights (pickle checkpoints are never loaded)")
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        folder,
-        dtype=dtype if dtype is not None else torch.float32,
-        use_safetensors=True,
-        output_loading_info=True,
-        local_files_only=True,
-    )
+    extra: dict[str, Any] = {}
+    quantization = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "gptq":
+        extra["quantization_config"] = gptq_load_config(quantization, device)
+    with warnings.catch_warnings():
+        # For GPTQ, the checkpoint's own quantization settings are kept; only the kernel is chosen here.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            folder,
+            dtype=dtype if dtype is not None else torch.float32,
+            use_safetensors=True,
+            output_loading_info=True,
+            local_files_only=True,
+            **extra,
+        )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -75,6 +83,28 @@ def load_model(folder: Path, dtype=None, device: str = "cpu"):
     if mismatched:
         raise ArtifactError(f"{folder}: checkpoint weights have the wrong shape: {mismatched[:3]}")
     return model.to(device).eval()
+
+
+def prepare_gptqmodel() -> None:
+    """Before GPTQModel is imported: size its CPU worker pool (left unset on a 2-core host it crashes)
+    and keep its per-layer INFO tables out of dfj's output."""
+    import logging
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+    logging.getLogger("logbar").setLevel(logging.WARNING)
+
+
+def gptq_load_config(quantization: dict[str, Any], device: str):
+    """transformers' GPTQConfig for loading a GPTQ checkpoint: the pure-torch kernel on CPU (no kernel
+    compilation on a 2-core host), whatever fast kernel the stack picks on CUDA."""
+    prepare_gptqmodel()
+    from transformers import GPTQConfig
+
+    backend = "auto" if device.startswith("cuda") else "gptq_torch"
+    return GPTQConfig(bits=int(quantization.get("bits", 4)), group_size=int(quantization.get("group_size", 128)),
+                      desc_act=bool(quantization.get("desc_act", False)), sym=bool(quantization.get("sym", True)),
+                      backend=backend)
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:

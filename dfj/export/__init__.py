@@ -16,6 +16,7 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx-fp32": ("dfj.export.onnx:export_onnx", {"quant": "fp32"}),
     "onnx-int8": ("dfj.export.onnx:export_onnx", {"quant": "int8"}),
     "onnx-int4": ("dfj.export.onnx:export_onnx", {"quant": "int4"}),
+    "gptq-4bit": ("dfj.export.gptq:export_gptq", {"bits": 4}),
 }
 
 

@@ -21,6 +21,7 @@ RUNTIMES: dict[str, str] = {
 RUNTIME_FOR_FORMAT: dict[str, str] = {
     "safetensors": "torch",
     "onnx": "onnx",
+    "gptq": "torch",  # transformers + GPTQModel kernels (pure torch on CPU)
 }
 
 INSTALL_HINTS: dict[str, str] = {

@@ -1,0 +1,105 @@
+"""GPTQ 4-bit export with DFJ calibration, on the trained tiny judges; CPU loading with the torch kernel."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import dfj
+from dfj.cli import app
+from dfj.export import export
+from dfj.manifest import verify
+
+pytestmark = pytest.mark.slow
+SAMPLES = 128  # the default
+# Teacher-forced logits on held-out records, 4-bit vs the fp32 merge (measured: see the issue note).
+MIN_LOGIT_COSINE = 0.99
+MIN_TOP1 = 0.95
+
+
+@pytest.fixture(scope="module")
+def gptq(tmp_path_factory):
+    from dfj.testing import trained_tiny_judge, trained_tiny_split
+
+    root = tmp_path_factory.mktemp("gptq")
+    built = {}
+    for mode in ("pointwise", "pairwise"):
+        built[mode] = export(trained_tiny_judge(mode), root / mode, "gptq-4bit",
+                             calibration=trained_tiny_split(mode, "train"), samples=SAMPLES)
+    built["merged"] = export(trained_tiny_judge("pointwise"), root / "merged", "none", dtype="float32")
+    return built
+
+
+def test_without_calibration_the_error_says_what_to_pass(tmp_path):
+    result = CliRunner().invoke(app, ["export", str(tmp_path), "-o", str(tmp_path / "o"), "--quant", "gptq-4bit"])
+    assert result.exit_code == 2 and "needs --calibration SPLIT_DIR" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_records_the_quantization_settings(gptq):
+    manifest = verify(gptq["pointwise"])
+    assert manifest.format == "gptq" and manifest.quant == "gptq-4bit"
+    settings = manifest.extra["gptq"]
+    assert {k: settings[k] for k in ("bits", "group_size", "sym", "desc_act", "samples")} == {
+        "bits": 4, "group_size": 128, "sym": True, "desc_act": False, "samples": SAMPLES}
+    assert settings["calibration"].endswith("splits/pointwise/train") and settings["calibration_with_gold_output"]
+    assert settings["packed_linear_layers"] == 2 * 7  # every q/k/v/o/gate/up/down of both layers
+    assert settings["linear_compression_vs_bf16"] >= 3.5
+    config = json.loads((gptq["pointwise"] / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["bits"] == 4
+
+
+def test_every_language_linear_is_packed_and_the_vision_tower_is_dense(gptq):
+    keys = set()
+    for path in gptq["pointwise"].glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            keys |= set(handle.keys())
+    for layer in range(2):
+        for linear in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            prefix = f"model.language_model.layers.{layer}.{linear}"
+            assert {f"{prefix}.qweight", f"{prefix}.qzeros", f"{prefix}.scales"} <= keys
+            assert f"{prefix}.weight" not in keys
+    vision = [k for k in keys if k.startswith("model.visual.")]
+    assert vision and all(k.endswith((".weight", ".bias")) for k in vision)
+    assert "model.visual.blocks.0.attn.qkv.weight" in keys
+
+
+def test_score_and_compare_run_on_cpu(gptq):
+    from dfj.data import read_split
+    from dfj.testing import trained_tiny_split
+
+    judge = dfj.load_judge(str(gptq["pointwise"]))
+    assert judge.runtime.name == "torch"
+    q_proj = judge.runtime.model.model.language_model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ != "Linear" and hasattr(q_proj, "qweight")
+    record = read_split(trained_tiny_split("pointwise", "test")).records[0]
+    assert judge.score(record.image, record.label, record.response).score in (1, 2, 3, 4, 5)
+    pair = read_split(trained_tiny_split("pairwise", "test")).records[0]
+    assert dfj.load_judge(str(gptq["pairwise"])).compare(pair.image, pair.label, pair.response_a, pair.response_b).choice in ("A", "B")
+
+
+def test_logits_stay_close_to_the_fp32_merge_on_held_out_records(gptq):
+    from dfj import prompts
+    from dfj.data import read_split
+    from dfj.testing import trained_tiny_split
+
+    records = read_split(trained_tiny_split("pointwise", "test")).records[:6]
+    runtimes = [dfj.load_judge(str(gptq[k])).runtime for k in ("merged", "pointwise")]
+    cosines, top1 = [], []
+    for record in records:
+        chat = prompts.render_chat(prompts.render_pointwise(record.label, record.response))
+        logits = []
+        for runtime in runtimes:
+            inputs = runtime.encode(__import__("dfj.images", fromlist=["load_image"]).load_image(record.image), chat + record.gold_text)
+            n = len(runtime.tokenize(record.gold_text))
+            with torch.inference_mode():
+                logits.append(runtime.model(**inputs, logits_to_keep=n + 1, use_cache=False).logits[0].double())
+        reference, quantized = logits
+        cosines.append(float(torch.nn.functional.cosine_similarity(reference.flatten(), quantized.flatten(), dim=0)))
+        top1.extend((reference.argmax(-1) == quantized.argmax(-1)).tolist())
+    print(f"GPTQ vs fp32: logits cosine min {min(cosines):.4f} mean {np.mean(cosines):.4f}, top-1 {np.mean(top1):.3f} over {len(top1)} tokens")
+    assert min(cosines) >= MIN_LOGIT_COSINE and np.mean(top1) >= MIN_TOP1
