@@ -57,13 +57,13 @@ def export_merged(
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         model = hf.load_model(model_dir, dtype=hf.torch_dtype(saved_dtype, "cpu"))
-        adapter_info = adapter_record(resolved)
         if resolved.kind == "adapter":
-            peft_model = hf.apply_adapter(model, resolved.path)
+            peft_model = hf.apply_adapter(model, resolved.path)  # refuses pickles and partial adapters first
             reference = probe_logits(peft_model, processor, resolved.mode) if check else None
             model = peft_model.merge_and_unload()
         else:
             reference = probe_logits(model, processor, resolved.mode) if check else None
+        adapter_info = adapter_record(resolved)
 
         with staged_folder(out, overwrite=overwrite) as work:
             model.save_pretrained(work)
