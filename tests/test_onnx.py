@@ -138,3 +138,10 @@ def test_quantized_graphs_stay_within_stated_bounds(tmp_path):
         sizes[entry["name"]] = decoder.stat().st_size + sum(p.stat().st_size for p in decoder.parent.glob("decoder.onnx.data"))
         assert read_manifest(tmp_path / entry["name"]).quant == f"onnx-{entry['name']}"
     assert sizes["int4"] < sizes["int8"]
+
+
+def test_tied_head_checkpoint_exports_within_tolerance(tiny, tmp_path):
+    """The 3B judges tie the output head to the embedding; the graphs must not lose that weight."""
+    folder = export(tiny("pointwise", tied=True), tmp_path / "tied", "onnx-fp32")
+    parity = read_manifest(folder).parity
+    assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
