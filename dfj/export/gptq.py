@@ -10,6 +10,7 @@ language-model linear packed, no vision weight quantized, probe logits close to 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -88,8 +89,10 @@ def export_gptq(
                     "calibration": str(Path(calibration).resolve()), "backend": "gptqmodel",
                     "calibration_with_gold_output": all(len(c) == 2 for c in conversations)}
         with staged_folder(out, overwrite=overwrite) as work:
-            _quantize(merged, work, conversations, bits, group_size)
-            checks = verify_gptq(work, merged, resolved.mode)
+            log = Path(scratch) / "gptqmodel.log"
+            with _library_output_to(log):
+                _quantize(merged, work, conversations, bits, group_size)
+                checks = verify_gptq(work, merged, resolved.mode)
             write_manifest(
                 work,
                 Manifest.for_judge(resolved.mode, "gptq", {"name": resolved.name, "kind": resolved.kind,
@@ -98,6 +101,18 @@ def export_gptq(
                                    extra={"gptq": {**settings, **checks}}),
             )
     return out.resolve()
+
+
+@contextlib.contextmanager
+def _library_output_to(log: Path):
+    """GPTQModel prints banners, tables and file dumps: keep them in a log, show its tail on failure."""
+    with open(log, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            yield
+        except Exception as exc:
+            sink.flush()
+            tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"GPTQ quantization failed: {exc}\n--- GPTQModel output (last lines) ---\n{tail}") from exc
 
 
 def _quantize(merged: Path, work: Path, conversations: list, bits: int, group_size: int) -> None:
