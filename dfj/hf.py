@@ -124,6 +124,31 @@ def adapter_key_layout(folder: Path) -> str:
     return "legacy" if any(_LEGACY_KEY.match(k) for k in keys) else "peft"
 
 
+@contextlib.contextmanager
+def peft_without_gptq_probe():
+    """peft imports GPTQModel (5 s, a banner, process-wide env changes) to ask whether each layer is a
+    GPTQ layer whenever GPTQModel is installed. A GPTQ layer can only exist once GPTQModel is imported,
+    so until then the answer is no without importing it."""
+    import sys
+
+    if "gptqmodel" in sys.modules:
+        yield
+        return
+    import peft.tuners.lora.awq as awq
+    import peft.tuners.lora.gptq as gptq
+    import peft.utils.other as other
+
+    modules = (awq, gptq, other)
+    saved = [m.is_gptqmodel_available for m in modules]
+    for module in modules:
+        module.is_gptqmodel_available = lambda: False
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.is_gptqmodel_available = original
+
+
 def apply_adapter(model, adapter_dir: Path):
     """Wrap `model` with the LoRA adapter, mapping legacy keys; prove every adapter tensor landed and
     that the adapter changes the model. Returns the PeftModel."""
@@ -140,7 +165,8 @@ def apply_adapter(model, adapter_dir: Path):
         raise ArtifactError(f"{adapter_dir}: only LoRA adapters are supported, not {config.get('peft_type')}")
     layout = adapter_key_layout(adapter_dir)
     mapping = LEGACY_ADAPTER_KEY_MAPPING if layout == "legacy" else None
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, key_mapping=mapping, is_trainable=False)
+    with peft_without_gptq_probe():
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, key_mapping=mapping, is_trainable=False)
 
     # Every tensor in the file must have landed in a LoRA parameter of the model, value for value.
     saved = load_file(weights)

@@ -156,6 +156,8 @@ def _write_adapter(model, base_dir: Path, out: Path, mode: str, seed: int, layou
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
+    from dfj.hf import peft_without_gptq_probe
+
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,  # alpha = 2r, as the DFJ recipe (r 32, alpha 64)
@@ -164,7 +166,8 @@ def _write_adapter(model, base_dir: Path, out: Path, mode: str, seed: int, layou
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with peft_without_gptq_probe():
+        peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -255,6 +255,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
 
         from peft import LoraConfig, get_peft_model
 
+        from dfj.hf import peft_without_gptq_probe
         from dfj.testing import LORA_EXCLUDE, LORA_TARGETS
 
         for mode in prompts.MODES:
@@ -262,7 +263,8 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
             config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LORA_TARGETS,
                                 exclude_modules=LORA_EXCLUDE, lora_dropout=0.0, task_type="CAUSAL_LM")
             torch.manual_seed(settings.seed + 1)
-            peft_model = get_peft_model(base, config)
+            with peft_without_gptq_probe():
+                peft_model = get_peft_model(base, config)
             t0 = time.perf_counter()
             train_judge(peft_model, processor, work / "splits" / mode / "train", settings, log)
             timings[f"{mode}_judge_s"] = time.perf_counter() - t0

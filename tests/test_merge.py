@@ -153,3 +153,14 @@ def test_merging_a_merged_model_copies_it(merged, tmp_path):
     out = merge(merged("pointwise"), tmp_path / "copy")
     manifest = read_manifest(out)
     assert manifest.source["kind"] == "model" and manifest.parity["max_abs_diff"] == 0.0
+
+
+def test_loading_an_adapter_does_not_import_gptqmodel(tiny):
+    """peft would import GPTQModel (seconds, a banner, process-wide env changes) for every adapter."""
+    import subprocess
+    import sys
+
+    code = f"import sys, dfj; dfj.load_judge({str(tiny('pointwise', adapter=True))!r}); print('gptqmodel' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
