@@ -37,6 +37,9 @@ def judge(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --out file."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    fast: bool = typer.Option(False, "--fast", help="Pairwise: one forward pass, P(A) vs P(B) after <answer> (adds p_a)."),
+    swap_check: bool = typer.Option(False, "--swap-check", help="Pairwise: also judge B-vs-A and report whether the orders agree."),
+    expected: bool = typer.Option(False, "--expected-score", help="Pointwise: add the probability-weighted score."),
     runtime: Optional[str] = typer.Option(None, help="Runtime: torch or onnx (default: what the artifact's format needs)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
@@ -61,11 +64,11 @@ def judge(
         if j.mode == "pointwise":
             if response_b is not None:
                 _fail("--response-b is for pairwise judges; this is a pointwise judge")
-            verdict = j.score(image, label, response)
+            verdict = j.score(image, label, response, expected_score=expected)
         else:
             if response_b is None:
                 _fail("a pairwise judge needs --response-b")
-            verdict = j.compare(image, label, response, response_b)
+            verdict = j.compare(image, label, response, response_b, fast=fast, swap_check=swap_check)
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return

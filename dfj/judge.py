@@ -45,15 +45,62 @@ class Judge:
         return self.max_new_tokens or prompts.MAX_NEW_TOKENS[self.mode]
 
     # -- single records ------------------------------------------------------------------------
-    def score(self, image: ImageInput, label: str, response: str) -> PointwiseVerdict:
+    def score(self, image: ImageInput, label: str, response: str, *, expected_score: bool = False) -> PointwiseVerdict:
+        """Greedy verdict. `expected_score=True` adds Σ p(s)·s at the score position (one more
+        teacher-forced pass over the judge's own output)."""
         self._require("pointwise", "score")
         pil, chat = self._prepare(image, label, (response,))
-        return parse_pointwise(self.runtime.generate(pil, chat, self.new_token_limit))
+        verdict = parse_pointwise(self.runtime.generate(pil, chat, self.new_token_limit))
+        if expected_score and verdict.ok:
+            verdict.expected_score = self._expected_score(pil, chat, verdict.text)
+        return verdict
 
-    def compare(self, image: ImageInput, label: str, response_a: str, response_b: str) -> PairwiseVerdict:
+    def compare(self, image: ImageInput, label: str, response_a: str, response_b: str, *,
+                fast: bool = False, swap_check: bool = False) -> PairwiseVerdict:
+        """Greedy verdict, or with `fast=True` one forward pass: force `<answer>` and read P(A) vs P(B)
+        (`p_a`). `swap_check=True` also judges B-vs-A and reports whether the orders agree."""
         self._require("pairwise", "compare")
+        verdict = self._compare_once(image, label, response_a, response_b, fast)
+        if swap_check and verdict.ok:
+            swapped = self._compare_once(image, label, response_b, response_a, fast)
+            if swapped.ok:
+                verdict.swapped_choice = "B" if swapped.choice == "A" else "A"
+                verdict.swap_consistent = verdict.swapped_choice == verdict.choice
+        return verdict
+
+    def _compare_once(self, image, label, response_a, response_b, fast: bool) -> PairwiseVerdict:
         pil, chat = self._prepare(image, label, (response_a, response_b))
-        return parse_pairwise(self.runtime.generate(pil, chat, self.new_token_limit))
+        if not fast:
+            return parse_pairwise(self.runtime.generate(pil, chat, self.new_token_limit))
+        p_a = self._branch_probabilities(pil, chat, "", ["<answer>A</answer>", "<answer>B</answer>"])
+        if p_a is None:
+            raise RuntimeError("this tokenizer does not split <answer>A / <answer>B at one token; use fast=False")
+        share = p_a[0] / (p_a[0] + p_a[1])
+        choice = "A" if share >= 0.5 else "B"
+        return PairwiseVerdict(choice=choice, text=f"<answer>{choice}</answer>", p_a=float(share))
+
+    def _expected_score(self, pil, chat: str, text: str) -> float | None:
+        head = text[: text.index("<score>") + len("<score>")]
+        probabilities = self._branch_probabilities(pil, chat, head, [str(s) for s in range(1, 6)])
+        if probabilities is None:
+            return None
+        total = sum(probabilities)
+        return float(sum(p * s for p, s in zip(probabilities, range(1, 6))) / total)
+
+    def _branch_probabilities(self, pil, chat: str, head: str, branches: list[str]) -> list[float] | None:
+        """P of each branch's first own token after `head`, from one teacher-forced pass.
+
+        The branches are tokenized with the head (BPE can merge across the join); their shared token
+        prefix is forced and the next token must differ between branches, else None."""
+        tokenized = [self.runtime.tokenize(head + branch) for branch in branches]
+        shared = 0
+        while all(len(ids) > shared for ids in tokenized) and len({ids[shared] for ids in tokenized}) == 1:
+            shared += 1
+        if any(len(ids) <= shared for ids in tokenized) or len({ids[shared] for ids in tokenized}) != len(branches):
+            return None
+        rows = self.runtime.logprobs_ids(pil, chat, tokenized[0][: shared + 1])
+        row = rows[shared]
+        return [float(np.exp(row[ids[shared]])) for ids in tokenized]
 
     def logprobs(self, image: ImageInput, label: str, *responses: str, continuation: str) -> np.ndarray:
         """Teacher-forced log-probabilities (continuation tokens x vocabulary) of `continuation` after

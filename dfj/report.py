@@ -19,9 +19,16 @@ def print_verdict(mode: str, verdict: PointwiseVerdict | PairwiseVerdict) -> Non
     table = Table(show_header=False, box=None)
     if isinstance(verdict, PointwiseVerdict):
         table.add_row("score", str(verdict.score) if verdict.score is not None else "-")
+        if verdict.expected_score is not None:
+            table.add_row("expected score", f"{verdict.expected_score:.3f}")
         table.add_row("reasoning", verdict.reasoning or "-")
     else:
         table.add_row("choice", verdict.choice or "-")
+        if verdict.p_a is not None:
+            table.add_row("P(A)", f"{verdict.p_a:.3f}")
+        if verdict.swap_consistent is not None:
+            table.add_row("swap check", f"B-first says {verdict.swapped_choice}: "
+                          + ("consistent" if verdict.swap_consistent else "position-dependent"))
     if verdict.error:
         table.add_row("error", f"[red]{verdict.error}[/red]")
     table.add_row("output", repr(verdict.text[:300]))

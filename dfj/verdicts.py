@@ -23,6 +23,8 @@ class PointwiseVerdict(_VerdictMixin):
     reasoning: str | None
     text: str
     error: str | None = None
+    # Σ p(s)·s over the five score tokens at the score position (renormalised): a continuous score.
+    expected_score: float | None = None
 
 
 @dataclass
@@ -30,6 +32,11 @@ class PairwiseVerdict(_VerdictMixin):
     choice: Literal["A", "B"] | None
     text: str
     error: str | None = None
+    p_a: float | None = None  # P(A) renormalised over A and B at the answer position
+    # Position-bias check (compare(..., swap_check=True)): the verdict with B shown first, mapped back
+    # to the original letters, and whether the two orders agree.
+    swapped_choice: Literal["A", "B"] | None = None
+    swap_consistent: bool | None = None
 
 
 Verdict = PointwiseVerdict | PairwiseVerdict

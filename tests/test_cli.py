@@ -53,7 +53,7 @@ def test_export_info_and_judge_end_to_end(tiny, tiny_split, tmp_path):
     result = runner.invoke(app, ["judge", str(out), *args, "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert set(payload) == {"mode", "score", "reasoning", "text", "error"} and payload["mode"] == "pointwise"
+    assert set(payload) == {"mode", "score", "reasoning", "text", "error", "expected_score"} and payload["mode"] == "pointwise"
     reference = runner.invoke(app, ["judge", str(tiny("pointwise", adapter=True)), *args, "--json"])
     assert json.loads(reference.output) == payload  # the merged artifact judges as base+adapter does
     result = runner.invoke(app, ["judge", str(out), *args, "--response-b", "x"])
