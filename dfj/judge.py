@@ -32,6 +32,8 @@ class Judge:
     manifest: Manifest | None = None
     max_new_tokens: int | None = None  # None: the reference limit for the mode (512 / 128)
     info: dict[str, Any] = field(default_factory=dict)
+    # Fast paths by default (prefix/vision reuse, one-forward pairwise); False: plain greedy generation.
+    fast: bool = True
 
     def __post_init__(self) -> None:
         prompts.check_mode(self.mode)
@@ -45,21 +47,30 @@ class Judge:
         return self.max_new_tokens or prompts.MAX_NEW_TOKENS[self.mode]
 
     # -- single records ------------------------------------------------------------------------
-    def score(self, image: ImageInput, label: str, response: str, *, expected_score: bool = False) -> PointwiseVerdict:
-        """Greedy verdict. `expected_score=True` adds Σ p(s)·s at the score position (one more
-        teacher-forced pass over the judge's own output)."""
+    def score(self, image: ImageInput, label: str, response: str, *, fast: bool | None = None,
+              expected_score: bool = False) -> PointwiseVerdict:
+        """Greedy verdict. `fast=True`: the runtime may reuse the image encoding and the KV state of the
+        prompt shared by records of the same image and label, and decoding stops at `</score>`.
+        `expected_score=True` adds Σ p(s)·s at the score position (one teacher-forced pass)."""
         self._require("pointwise", "score")
+        fast = self.fast if fast is None else fast
         pil, chat = self._prepare(image, label, (response,))
-        verdict = parse_pointwise(self.runtime.generate(pil, chat, self.new_token_limit))
+        if fast:
+            prefix = self._prefix_chars(chat, label)
+            ids = self.runtime.generate_ids_cached(pil, chat, self.new_token_limit, prefix, stop="</score>")
+            verdict = parse_pointwise(self.runtime.decode(ids))
+        else:
+            verdict = parse_pointwise(self.runtime.generate(pil, chat, self.new_token_limit))
         if expected_score and verdict.ok:
-            verdict.expected_score = self._expected_score(pil, chat, verdict.text)
+            verdict.expected_score = self._expected_score(pil, chat, verdict.text, label if fast else None)
         return verdict
 
     def compare(self, image: ImageInput, label: str, response_a: str, response_b: str, *,
-                fast: bool = False, swap_check: bool = False) -> PairwiseVerdict:
+                fast: bool | None = None, swap_check: bool = False) -> PairwiseVerdict:
         """Greedy verdict, or with `fast=True` one forward pass: force `<answer>` and read P(A) vs P(B)
         (`p_a`). `swap_check=True` also judges B-vs-A and reports whether the orders agree."""
         self._require("pairwise", "compare")
+        fast = self.fast if fast is None else fast
         verdict = self._compare_once(image, label, response_a, response_b, fast)
         if swap_check and verdict.ok:
             swapped = self._compare_once(image, label, response_b, response_a, fast)
@@ -72,22 +83,25 @@ class Judge:
         pil, chat = self._prepare(image, label, (response_a, response_b))
         if not fast:
             return parse_pairwise(self.runtime.generate(pil, chat, self.new_token_limit))
-        p_a = self._branch_probabilities(pil, chat, "", ["<answer>A</answer>", "<answer>B</answer>"])
+        p_a = self._branch_probabilities(pil, chat, "", ["<answer>A</answer>", "<answer>B</answer>"],
+                                         self._prefix_chars(chat, label))
         if p_a is None:
             raise RuntimeError("this tokenizer does not split <answer>A / <answer>B at one token; use fast=False")
         share = p_a[0] / (p_a[0] + p_a[1])
         choice = "A" if share >= 0.5 else "B"
         return PairwiseVerdict(choice=choice, text=f"<answer>{choice}</answer>", p_a=float(share))
 
-    def _expected_score(self, pil, chat: str, text: str) -> float | None:
+    def _expected_score(self, pil, chat: str, text: str, label: str | None) -> float | None:
         head = text[: text.index("<score>") + len("<score>")]
-        probabilities = self._branch_probabilities(pil, chat, head, [str(s) for s in range(1, 6)])
+        prefix = self._prefix_chars(chat, label) if label is not None else None
+        probabilities = self._branch_probabilities(pil, chat, head, [str(s) for s in range(1, 6)], prefix)
         if probabilities is None:
             return None
         total = sum(probabilities)
         return float(sum(p * s for p, s in zip(probabilities, range(1, 6))) / total)
 
-    def _branch_probabilities(self, pil, chat: str, head: str, branches: list[str]) -> list[float] | None:
+    def _branch_probabilities(self, pil, chat: str, head: str, branches: list[str],
+                              prefix_chars: int | None = None) -> list[float] | None:
         """P of each branch's first own token after `head`, from one teacher-forced pass.
 
         The branches are tokenized with the head (BPE can merge across the join); their shared token
@@ -98,7 +112,11 @@ class Judge:
             shared += 1
         if any(len(ids) <= shared for ids in tokenized) or len({ids[shared] for ids in tokenized}) != len(branches):
             return None
-        rows = self.runtime.logprobs_ids(pil, chat, tokenized[0][: shared + 1])
+        forced = tokenized[0][: shared + 1]
+        if prefix_chars is None:
+            rows = self.runtime.logprobs_ids(pil, chat, forced)
+        else:
+            rows = self.runtime.logprobs_ids_cached(pil, chat, forced, prefix_chars)
         row = rows[shared]
         return [float(np.exp(row[ids[shared]])) for ids in tokenized]
 
@@ -158,6 +176,13 @@ class Judge:
         self._check_context(pil, chat)
         return pil, chat
 
+    def _prefix_chars(self, chat: str, label: str) -> int:
+        """Length of the chat text every record of this image and label shares (up to the first
+        response): what a runtime may serve from its prefix cache."""
+        head = prompts.prompt_head(self.mode, label)
+        start = chat.find(head)
+        return start + len(head) if start >= 0 else 0
+
     def _check_context(self, image, chat: str) -> None:
         """A prompt that does not fit the model's context is an error, never silently truncated."""
         context = getattr(self.runtime, "context_length", None)
@@ -203,11 +228,13 @@ def load_judge(
     *,
     max_new_tokens: int | None = None,
     verify: bool = True,
+    fast: bool = True,
     **options: Any,
 ) -> Judge:
     """Load a judge from a local folder (merged model, adapter, dfj artifact) or a Hugging Face id.
 
     `runtime=None` picks the runtime the artifact's format needs (`onnx` for an ONNX export, else `torch`).
+    `fast=False` makes every call take the reference path (plain greedy generation, no caches).
     `verify=False` skips the checksum pass over the artifact files (it reads every byte).
     """
     from dfj import runtime as runtimes
@@ -225,4 +252,4 @@ def load_judge(
         runtime = runtimes.runtime_for(resolved.manifest)
     backend = runtimes.create(runtime, resolved, device=device, dtype=dtype, **options)
     return Judge(runtime=backend, mode=resolved.mode, source=resolved.name, manifest=resolved.manifest,
-                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind})
+                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind}, fast=fast)

@@ -98,6 +98,12 @@ def render(mode: str, label: str, *responses: str) -> str:
     return render_pairwise(label, responses[0], responses[1])
 
 
+def prompt_head(mode: str, label: str) -> str:
+    """The filled prompt up to the first response: the part every record of one label shares."""
+    first = "{candidate_response}" if check_mode(mode) == "pointwise" else "{response_a}"
+    return fill(template(mode).split(first, 1)[0], {"ground_truth_label": normalize_label(label)})
+
+
 def render_chat(prompt: str, add_generation_prompt: bool = True) -> str:
     """The full chat text for one user turn holding [image, prompt], as the reference inference built it.
 

@@ -51,10 +51,10 @@ def test_the_runtime_gets_the_rendered_chat_and_reference_limits():
     assert chat == prompts.render_chat(prompts.render_pointwise("fake", "resp {x}"))
     assert limit == 512 and image.mode == "RGB"
     runtime = ScriptedRuntime(["<answer>B</answer>"])
-    assert Judge(runtime, "pairwise").compare(IMG, "real", "a", "b").choice == "B"
+    assert Judge(runtime, "pairwise", fast=False).compare(IMG, "real", "a", "b").choice == "B"
     assert runtime.calls[0][2] == 128
     runtime = ScriptedRuntime(["<answer>A</answer>"])
-    Judge(runtime, "pairwise", max_new_tokens=7).compare(IMG, "real", "a", "b")
+    Judge(runtime, "pairwise", max_new_tokens=7, fast=False).compare(IMG, "real", "a", "b")
     assert runtime.calls[0][2] == 7
 
 
@@ -63,7 +63,7 @@ def test_tags_inside_candidate_responses_are_never_parsed():
     runtime = ScriptedRuntime(["I cannot decide.", "no verdict here"])
     verdict = Judge(runtime, "pointwise").score(IMG, "fake", sneaky)
     assert verdict.score is None and "no <score>" in verdict.error
-    pair = Judge(runtime, "pairwise").compare(IMG, "fake", sneaky, sneaky)
+    pair = Judge(runtime, "pairwise", fast=False).compare(IMG, "fake", sneaky, sneaky)
     assert pair.choice is None and "no <answer>" in pair.error
 
 

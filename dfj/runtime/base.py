@@ -42,6 +42,16 @@ class Runtime(ABC):
     def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
         """(len(ids), vocab) float32 log-probabilities of each position, teacher-forced on `ids`."""
 
+    # -- fast path: runtimes that can reuse work across records override these ----------------------
+    def generate_ids_cached(self, image: Image.Image, chat: str, max_new_tokens: int, prefix_chars: int | None,
+                            stop: str | None = None) -> list[int]:
+        """As `generate_ids`; `chat[:prefix_chars]` is shared by other records of the same image and
+        label and may be served from a cache; generation may end early at `stop`."""
+        return self.generate_ids(image, chat, max_new_tokens)
+
+    def logprobs_ids_cached(self, image: Image.Image, chat: str, ids: list[int], prefix_chars: int | None) -> np.ndarray:
+        return self.logprobs_ids(image, chat, ids)
+
     def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
         return self.decode(self.generate_ids(image, chat, max_new_tokens))
 

@@ -99,5 +99,21 @@ class TorchRuntime(Runtime):
         logits = self.model(**full, logits_to_keep=n + 1, use_cache=False).logits[0, :n]
         return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
 
+    # -- fast path (vision cache, prefix KV reuse): dfj/runtime/torch_cache.py --------------------------
+    @property
+    def cached(self):
+        if getattr(self, "_cached", None) is None:
+            from dfj.runtime.torch_cache import CachedForward
+
+            self._cached = CachedForward(self)
+        return self._cached
+
+    def generate_ids_cached(self, image, chat, max_new_tokens, prefix_chars, stop=None) -> list[int]:
+        return self.cached.generate(image, chat, prefix_chars, max_new_tokens, self.eos_ids, stop)
+
+    def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
+        logits = self.cached.teacher_forced(image, chat, prefix_chars, list(ids))
+        return torch.log_softmax(logits, dim=-1).cpu().numpy()
+
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype)}

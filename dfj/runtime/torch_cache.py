@@ -1,0 +1,158 @@
+"""The torch runtime's fast path: vision cache, prompt-prefix KV reuse, logits only where needed.
+
+DFJ test sets put 5 (pointwise) or 10 (pairwise) responses on every image, and every prompt for one
+image and label is the same up to the first response. This path encodes each image once (keyed by
+its preprocessed pixels), computes the KV state of that shared prefix once, and for each record
+runs only the rest of the prompt and the decode steps, with the head applied only at the positions
+that are read. Positions are transformers' own 3-row M-RoPE indices over the full sequence; the
+greedy loop mirrors `generate` (argmax, stop at the end-of-turn tokens or a stop string).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+VISION_ENTRIES = 16
+PREFIX_ENTRIES = 4
+
+
+@dataclass
+class _Prompt:
+    ids: torch.Tensor  # (1, S) prompt (+ forced) token ids
+    embeds: torch.Tensor  # (1, S, H)
+    positions: torch.Tensor  # (3, 1, S)
+    prefix: int  # leading tokens shared with other records of the same image and label
+    key: str  # image digest + prefix ids: identifies the reusable KV state
+
+
+class CachedForward:
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        # An unmerged adapter judge is a PeftModel; its LoRA layers live inside the base model's modules.
+        model = runtime.model
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core = self.model.model
+        self.core = core
+        self.text = core.language_model
+        self.vision: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.prefixes: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.stats = {"vision_hits": 0, "vision_misses": 0, "prefix_hits": 0, "prefix_misses": 0}
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def _image_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, str]:
+        pixels = inputs["pixel_values"]
+        digest = hashlib.sha256(pixels.detach().cpu().numpy().tobytes()).hexdigest()
+        digest += ":" + ",".join(str(v) for v in inputs["image_grid_thw"].flatten().tolist())
+        if digest in self.vision:
+            self.vision.move_to_end(digest)
+            self.stats["vision_hits"] += 1
+            return self.vision[digest], digest
+        self.stats["vision_misses"] += 1
+        output = self.core.get_image_features(pixel_values=pixels.to(self.model.dtype), image_grid_thw=inputs["image_grid_thw"])
+        features = output.pooler_output
+        features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+        self.vision[digest] = features
+        while len(self.vision) > VISION_ENTRIES:
+            self.vision.popitem(last=False)
+        return features, digest
+
+    def _prompt(self, image, chat: str, prefix_chars: int | None, extra_ids: list[int]) -> _Prompt:
+        runtime = self.runtime
+        inputs = runtime.encode(image, chat)
+        ids = inputs["input_ids"]
+        types = inputs["mm_token_type_ids"]
+        if extra_ids:
+            extra = torch.tensor([extra_ids], dtype=ids.dtype, device=ids.device)
+            ids = torch.cat([ids, extra], dim=1)
+            types = torch.cat([types, torch.zeros_like(extra, dtype=types.dtype)], dim=1)
+        features, digest = self._image_features(inputs)
+        embeds = self.text.embed_tokens(ids)
+        is_image = ids[0] == self.model.config.image_token_id
+        embeds[0, is_image] = features.to(embeds.dtype)
+        positions, _ = self.core.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"],
+                                                attention_mask=torch.ones_like(ids))
+        prefix = self._prefix_length(ids, chat, prefix_chars, int(is_image.sum()))
+        key = digest + ":" + hashlib.sha256(ids[0, :prefix].cpu().numpy().tobytes()).hexdigest()
+        return _Prompt(ids, embeds, positions, prefix, key)
+
+    def _prefix_length(self, ids: torch.Tensor, chat: str, prefix_chars: int | None, image_tokens: int) -> int:
+        """Tokens of `chat[:prefix_chars]`, if the full prompt's tokens start with exactly them (BPE
+        could merge across the boundary; then nothing is shared)."""
+        if not prefix_chars:
+            return 0
+        head = self.runtime.tokenize(chat[:prefix_chars])
+        pad = self.model.config.image_token_id
+        expanded: list[int] = []
+        for token in head:
+            expanded.extend([token] * image_tokens if token == pad else [token])
+        n = len(expanded)
+        if n >= ids.shape[1] or ids[0, :n].tolist() != expanded:
+            return 0
+        return n
+
+    # -- model ---------------------------------------------------------------------------------------
+    def _run(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        out = self.text(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    def _state(self, prompt: _Prompt):
+        """A KV cache holding the prompt's prefix, reused if this image and prefix were seen."""
+        from transformers import DynamicCache
+
+        if prompt.prefix and prompt.key in self.prefixes:
+            cache, length = self.prefixes[prompt.key]
+            self.prefixes.move_to_end(prompt.key)
+            extra = cache.get_seq_length() - length
+            if extra > 0:
+                cache.crop(-extra)  # drop the previous record's suffix and decode steps
+            self.stats["prefix_hits"] += 1
+            return cache
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        if prompt.prefix:
+            self.stats["prefix_misses"] += 1
+            self._run(prompt.embeds[:, : prompt.prefix], prompt.positions[:, :, : prompt.prefix], cache)
+            self.prefixes[prompt.key] = (cache, prompt.prefix)
+            while len(self.prefixes) > PREFIX_ENTRIES:
+                self.prefixes.popitem(last=False)
+        return cache
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def teacher_forced(self, image, chat: str, prefix_chars: int | None, ids: list[int]) -> torch.Tensor:
+        """Logits predicting each of `ids` after the prompt (n, vocab); the shared prefix is not re-run."""
+        prompt = self._prompt(image, chat, prefix_chars, list(ids))
+        prompt_length = prompt.ids.shape[1] - len(ids)
+        cache = self._state(prompt)
+        start = prompt.prefix
+        hidden = self._run(prompt.embeds[:, start:], prompt.positions[:, :, start:], cache)
+        index = torch.arange(prompt_length - 1 - start, prompt_length - 1 - start + len(ids), device=hidden.device)
+        return self._head(hidden[0, index])
+
+    @torch.inference_mode()
+    def generate(self, image, chat: str, prefix_chars: int | None, max_new_tokens: int, eos_ids: list[int],
+                 stop: str | None = None) -> list[int]:
+        prompt = self._prompt(image, chat, prefix_chars, [])
+        cache = self._state(prompt)
+        hidden = self._run(prompt.embeds[:, prompt.prefix:], prompt.positions[:, :, prompt.prefix:], cache)
+        logits = self._head(hidden[:, -1])
+        position = int(prompt.positions.max()) + 1
+        generated: list[int] = []
+        while len(generated) < max_new_tokens:
+            token = int(logits[0].argmax())
+            if token in eos_ids:
+                break
+            generated.append(token)
+            if stop and self.runtime.decode(generated[-8:]).endswith(stop) and self.runtime.decode(generated).endswith(stop):
+                break
+            embeds = self.text.embed_tokens(torch.tensor([[token]], device=prompt.ids.device))
+            positions = torch.full((3, 1, 1), position, dtype=prompt.positions.dtype, device=prompt.ids.device)
+            position += 1
+            logits = self._head(self._run(embeds, positions, cache)[:, -1])
+        return generated
