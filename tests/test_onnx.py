@@ -145,3 +145,25 @@ def test_tied_head_checkpoint_exports_within_tolerance(tiny, tmp_path):
     folder = export(tiny("pointwise", tied=True), tmp_path / "tied", "onnx-fp32")
     parity = read_manifest(folder).parity
     assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_onnx_cached_path_agrees_with_the_plain_path(onnx_fp32, judges, varied_split, mode):
+    """Vision and prefix caches (stored past key/values) change nothing: same outputs, same logits."""
+    from dfj.data import read_split
+
+    records = read_split(varied_split[mode]).records
+    judge = judges(onnx_fp32[mode], max_new_tokens=NEW_TOKENS)
+    fast = [judge.score(r.image, r.label, r.response, fast=True) if mode == "pointwise"
+            else judge.compare(r.image, r.label, r.response_a, r.response_b, fast=True) for r in records]
+    plain = [judge.score(r.image, r.label, r.response, fast=False) if mode == "pointwise"
+             else judge.compare(r.image, r.label, r.response_a, r.response_b, fast=False) for r in records]
+    if mode == "pointwise":
+        assert [v.text for v in fast] == [v.text for v in plain]
+    runtime = judge.runtime
+    assert runtime.prefix_cache and runtime.vision_cache
+    record = records[1]
+    pil, chat = judge._prepare(record.image, record.label, record.responses())
+    ids = runtime.tokenize(CONTINUATION)
+    cached = runtime.logprobs_ids_cached(pil, chat, ids, judge._prefix_chars(chat, record.label))
+    assert np.abs(cached - runtime.logprobs_ids(pil, chat, ids)).max() <= 1e-4

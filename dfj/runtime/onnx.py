@@ -78,6 +78,10 @@ class OnnxRuntime(Runtime):
         self.rope = _RopeHost(config)
         self.image_token_id = config.image_token_id
         self.decoder_inputs = info["decoder_inputs"]
+        from collections import OrderedDict
+
+        self.vision_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.prefix_cache: OrderedDict[str, list[np.ndarray]] = OrderedDict()
 
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "OnnxRuntime":
@@ -118,9 +122,13 @@ class OnnxRuntime(Runtime):
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- graphs ----------------------------------------------------------------------------------
-    def _prefill(self, image: Image.Image, chat: str, extra_ids: list[int], logits_index: np.ndarray | None):
-        """Run the prompt (plus `extra_ids`) from an empty cache. Returns logits, the KV cache, the
-        attention mask and the next M-RoPE position."""
+    def _prefill(self, image: Image.Image, chat: str, extra_ids: list[int], logits_index: np.ndarray | None,
+                 prefix_chars: int | None = None):
+        """Run the prompt (plus `extra_ids`). Returns logits (at `logits_index`, positions in the whole
+        sequence; default the last), the KV cache, the attention mask and the next M-RoPE position.
+
+        With `prefix_chars`, the image embeddings and the KV state of `chat[:prefix_chars]` (shared by
+        the records of one image and label) come from this runtime's caches when seen before."""
         inputs = self.processor(text=[chat], images=[image], return_tensors="pt")
         ids = inputs["input_ids"]
         types = inputs["mm_token_type_ids"]
@@ -130,19 +138,61 @@ class OnnxRuntime(Runtime):
             types = torch.cat([types, torch.zeros_like(extra, dtype=types.dtype)], dim=1)
         mask = torch.ones_like(ids)
         embeds = self.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0]
-        vision = vision_inputs(inputs["pixel_values"], inputs["image_grid_thw"], self.config.vision_config)
-        image_embeds = self.sessions["vision"].run(None, {k: v.numpy() for k, v in vision.items()})[0]
+        image_embeds, digest = self._image_embeds(inputs)
         is_image = (ids[0] == self.image_token_id).numpy()
         if int(is_image.sum()) != image_embeds.shape[0]:
             raise RuntimeError(f"{int(is_image.sum())} image tokens in the prompt but {image_embeds.shape[0]} image embeddings")
         embeds[0, is_image] = image_embeds
         positions, _ = self.rope.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+        positions = positions.numpy()
         length = ids.shape[1]
         if logits_index is None:
             logits_index = np.array([length - 1], dtype=np.int64)
-        past = self._empty_past()
-        logits, cache = self._decode(embeds, mask.numpy(), positions.numpy(), logits_index, past)
+        start, past = 0, self._empty_past()
+        if prefix_chars:
+            start, past = self._prefix_state(ids, chat, prefix_chars, int(is_image.sum()), digest, embeds, positions)
+        logits, cache = self._decode(embeds[:, start:], mask.numpy(), positions[:, :, start:],
+                                     np.asarray(logits_index) - start, past)
         return logits, cache, mask.numpy(), int(positions.max()) + 1
+
+    def _image_embeds(self, inputs) -> tuple[np.ndarray, str]:
+        import hashlib
+
+        digest = hashlib.sha256(inputs["pixel_values"].numpy().tobytes()).hexdigest()
+        digest += ":" + ",".join(str(v) for v in inputs["image_grid_thw"].flatten().tolist())
+        if digest in self.vision_cache:
+            self.vision_cache.move_to_end(digest)
+            return self.vision_cache[digest], digest
+        vision = vision_inputs(inputs["pixel_values"], inputs["image_grid_thw"], self.config.vision_config)
+        image_embeds = self.sessions["vision"].run(None, {k: v.numpy() for k, v in vision.items()})[0]
+        self.vision_cache[digest] = image_embeds
+        while len(self.vision_cache) > 16:
+            self.vision_cache.popitem(last=False)
+        return image_embeds, digest
+
+    def _prefix_state(self, ids, chat, prefix_chars, image_tokens, digest, embeds, positions):
+        """(prefix length, its KV arrays): computed once per image and prefix, then reused (ONNX Runtime
+        returns fresh arrays, so a stored state is never modified by later records)."""
+        import hashlib
+
+        head = self.tokenize(chat[:prefix_chars])
+        expanded: list[int] = []
+        for token in head:
+            expanded.extend([token] * image_tokens if token == self.image_token_id else [token])
+        n = len(expanded)
+        if n >= ids.shape[1] - 1 or ids[0, :n].tolist() != expanded:
+            return 0, self._empty_past()
+        key = digest + ":" + hashlib.sha256(np.asarray(expanded, dtype=np.int64).tobytes()).hexdigest()
+        if key in self.prefix_cache:
+            self.prefix_cache.move_to_end(key)
+            return n, self.prefix_cache[key]
+        mask = np.ones((1, n), dtype=np.int64)
+        _, cache = self._decode(embeds[:, :n], mask, positions[:, :, :n], np.array([n - 1], dtype=np.int64),
+                                self._empty_past())
+        self.prefix_cache[key] = cache
+        while len(self.prefix_cache) > 4:
+            self.prefix_cache.popitem(last=False)
+        return n, cache
 
     def _empty_past(self) -> list[np.ndarray]:
         shape = (1, self.info["num_key_value_heads"], 0, self.info["head_dim"])
@@ -155,23 +205,38 @@ class OnnxRuntime(Runtime):
         outputs = self.sessions["decoder"].run(None, feed)
         return outputs[0], outputs[1:]
 
+    def _image_tokens(self, image: Image.Image) -> int:
+        from dfj.images import PATCH_FACTOR, smart_resize
+
+        height, width = smart_resize(image.height, image.width, self.limits)
+        return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
+
     def prompt_logits(self, image: Image.Image, chat: str, positions: int = 24) -> np.ndarray:
         """Logits at the last `positions` positions of `chat` (the export parity probe)."""
-        ids_length = self.processor(text=[chat], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        ids_length = len(self.tokenize(chat)) - 1 + self._image_tokens(image)
         index = np.arange(ids_length - positions, ids_length, dtype=np.int64)
         logits, *_ = self._prefill(image, chat, [], index)
         return logits[0]
 
     # -- work ------------------------------------------------------------------------------------
     def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
-        logits, cache, mask, position = self._prefill(image, chat, [], None)
+        return self._greedy(image, chat, max_new_tokens, None, None)
+
+    def generate_ids_cached(self, image, chat, max_new_tokens, prefix_chars, stop=None) -> list[int]:
+        return self._greedy(image, chat, max_new_tokens, prefix_chars, stop)
+
+    def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
+        return self._teacher_forced(image, chat, ids, prefix_chars)
+
+    def _greedy(self, image, chat, max_new_tokens, prefix_chars, stop) -> list[int]:
+        logits, cache, mask, position = self._prefill(image, chat, [], None, prefix_chars)
         generated: list[int] = []
         while True:
             token = int(np.argmax(logits[0, -1]))
             if token in self.eos_ids:
                 break
             generated.append(token)
-            if len(generated) >= max_new_tokens:
+            if len(generated) >= max_new_tokens or (stop and self.decode(generated).endswith(stop)):
                 break
             embeds = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
             mask = np.concatenate([mask, np.ones((1, 1), dtype=mask.dtype)], axis=1)
@@ -181,9 +246,12 @@ class OnnxRuntime(Runtime):
         return generated
 
     def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
-        prompt_length = self.processor(text=[chat], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        return self._teacher_forced(image, chat, ids, None)
+
+    def _teacher_forced(self, image, chat, ids, prefix_chars) -> np.ndarray:
+        prompt_length = len(self.tokenize(chat)) - 1 + self._image_tokens(image)
         index = np.arange(prompt_length - 1, prompt_length - 1 + len(ids), dtype=np.int64)
-        logits, *_ = self._prefill(image, chat, list(ids), index)
+        logits, *_ = self._prefill(image, chat, list(ids), index, prefix_chars)
         logits = torch.from_numpy(logits[0]).float()
         return torch.log_softmax(logits, dim=-1).numpy()
 

@@ -11,6 +11,7 @@ greedy loop mirrors `generate` (argmax, stop at the end-of-turn tokens or a stop
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ class CachedForward:
         self.vision: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prefixes: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.stats = {"vision_hits": 0, "vision_misses": 0, "prefix_hits": 0, "prefix_misses": 0}
+        # Seconds spent per stage (for dfj.bench.speed): image encoding, prompt prefill, decoding.
+        self.seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
 
     # -- inputs ------------------------------------------------------------------------------------
     def _image_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, str]:
@@ -53,7 +56,9 @@ class CachedForward:
             self.stats["vision_hits"] += 1
             return self.vision[digest], digest
         self.stats["vision_misses"] += 1
+        started = time.perf_counter()
         output = self.core.get_image_features(pixel_values=pixels.to(self.model.dtype), image_grid_thw=inputs["image_grid_thw"])
+        self.seconds["vision"] += time.perf_counter() - started
         features = output.pooler_output
         features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
         self.vision[digest] = features
@@ -115,7 +120,9 @@ class CachedForward:
         cache = DynamicCache(config=self.model.config.get_text_config())
         if prompt.prefix:
             self.stats["prefix_misses"] += 1
+            started = time.perf_counter()
             self._run(prompt.embeds[:, : prompt.prefix], prompt.positions[:, :, : prompt.prefix], cache)
+            self.seconds["prefill"] += time.perf_counter() - started
             self.prefixes[prompt.key] = (cache, prompt.prefix)
             while len(self.prefixes) > PREFIX_ENTRIES:
                 self.prefixes.popitem(last=False)
@@ -131,7 +138,9 @@ class CachedForward:
         prompt_length = prompt.ids.shape[1] - len(ids)
         cache = self._state(prompt)
         start = prompt.prefix
+        started = time.perf_counter()
         hidden = self._run(prompt.embeds[:, start:], prompt.positions[:, :, start:], cache)
+        self.seconds["prefill"] += time.perf_counter() - started
         index = torch.arange(prompt_length - 1 - start, prompt_length - 1 - start + len(ids), device=hidden.device)
         return self._head(hidden[0, index])
 
@@ -140,8 +149,11 @@ class CachedForward:
                  stop: str | None = None) -> list[int]:
         prompt = self._prompt(image, chat, prefix_chars, [])
         cache = self._state(prompt)
+        started = time.perf_counter()
         hidden = self._run(prompt.embeds[:, prompt.prefix:], prompt.positions[:, :, prompt.prefix:], cache)
         logits = self._head(hidden[:, -1])
+        self.seconds["prefill"] += time.perf_counter() - started
+        started = time.perf_counter()
         position = int(prompt.positions.max()) + 1
         generated: list[int] = []
         while len(generated) < max_new_tokens:
@@ -155,4 +167,5 @@ class CachedForward:
             positions = torch.full((3, 1, 1), position, dtype=prompt.positions.dtype, device=prompt.ids.device)
             position += 1
             logits = self._head(self._run(embeds, positions, cache)[:, -1])
+        self.seconds["decode"] += time.perf_counter() - started
         return generated
