@@ -149,6 +149,8 @@ class Judge:
 
     def _many(self, records: Iterable[Any], progress: Progress | None) -> list[PointwiseVerdict | PairwiseVerdict]:
         items = list(records)
+        if self.fast and self.mode == "pointwise":
+            return self._score_batched(items, progress)
         verdicts = []
         for index, record in enumerate(items):
             try:
@@ -160,6 +162,39 @@ class Judge:
             if progress:
                 progress(index + 1, len(items))
         return verdicts
+
+    def _score_batched(self, items: list[Any], progress: Progress | None, size: int = 8) -> list[PointwiseVerdict]:
+        """Consecutive records on the same image and label decode together (the DFJ layout: 5 per
+        image); a record that fails to prepare or to run gets its own error, the others are unaffected."""
+        verdicts: list[PointwiseVerdict | None] = [None] * len(items)
+        groups: list[list[tuple[int, Any, str, int]]] = []
+        last_key = None
+        for index, record in enumerate(items):
+            try:
+                rec = record_from_mapping(record, self.mode)
+                pil, chat = self._prepare(rec.image, rec.label, rec.responses())
+            except Exception as exc:
+                verdicts[index] = self._failed(index, record, str(exc) if isinstance(exc, (ValueError, OSError))
+                                               else f"{type(exc).__name__}: {exc}")
+                continue
+            key = (rec.image if isinstance(rec.image, str) else id(rec.image), rec.label.strip().lower())
+            if key != last_key or len(groups[-1]) >= size:
+                groups.append([])
+                last_key = key
+            groups[-1].append((index, pil, chat, self._prefix_chars(chat, rec.label)))
+        done = sum(v is not None for v in verdicts)
+        for group in groups:
+            outputs = self.runtime.generate_ids_batch([(pil, chat, prefix) for _, pil, chat, prefix in group],
+                                                      self.new_token_limit, stop="</score>")
+            for (index, *_), ids in zip(group, outputs):
+                if isinstance(ids, Exception):
+                    verdicts[index] = self._failed(index, items[index], f"{type(ids).__name__}: {ids}")
+                else:
+                    verdicts[index] = parse_pointwise(self.runtime.decode(ids))
+            done += len(group)
+            if progress:
+                progress(done, len(items))
+        return verdicts  # type: ignore[return-value]
 
     def _failed(self, index: int, record: Any, message: str) -> PointwiseVerdict | PairwiseVerdict:
         line = getattr(record, "line", None)

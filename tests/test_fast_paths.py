@@ -93,3 +93,15 @@ def test_cached_and_uncached_paths_agree_on_mixed_batches(trained, mode):
         assert np.abs(cached - runtime.logprobs_ids(pil, chat, ids)).max() <= 1e-4
     stats = runtime.cached.stats
     assert stats["prefix_hits"] > 0 and stats["vision_hits"] > 0
+
+
+@pytest.mark.slow
+def test_batched_decoding_of_records_sharing_an_image_gives_the_same_verdicts(trained):
+    """score_many decodes the responses of one image together (padded, masked): same outputs."""
+    judge, records = trained["pointwise"]
+    batch = records[:15]  # three images, five responses each
+    before = judge.runtime.cached.seconds["decode"]
+    batched = judge.score_many(batch)
+    plain = [judge.score(r.image, r.label, r.response, fast=False) for r in batch]
+    assert [v.text for v in batched] == [v.text for v in plain]
+    assert judge.runtime.cached.seconds["decode"] > before

@@ -49,6 +49,18 @@ class Runtime(ABC):
         label and may be served from a cache; generation may end early at `stop`."""
         return self.generate_ids(image, chat, max_new_tokens)
 
+    def generate_ids_batch(self, items: list[tuple[Image.Image, str, int | None]], max_new_tokens: int,
+                           stop: str | None = None) -> list[list[int] | Exception]:
+        """`generate_ids_cached` for several prompts (a runtime may batch those sharing a prefix); an
+        item that fails gets its exception in its place, the others are unaffected."""
+        outputs: list[list[int] | Exception] = []
+        for image, chat, prefix in items:
+            try:
+                outputs.append(self.generate_ids_cached(image, chat, max_new_tokens, prefix, stop))
+            except Exception as exc:  # one prompt's failure must not lose the others
+                outputs.append(exc)
+        return outputs
+
     def logprobs_ids_cached(self, image: Image.Image, chat: str, ids: list[int], prefix_chars: int | None) -> np.ndarray:
         return self.logprobs_ids(image, chat, ids)
 

@@ -111,6 +111,12 @@ class TorchRuntime(Runtime):
     def generate_ids_cached(self, image, chat, max_new_tokens, prefix_chars, stop=None) -> list[int]:
         return self.cached.generate(image, chat, prefix_chars, max_new_tokens, self.eos_ids, stop)
 
+    def generate_ids_batch(self, items, max_new_tokens, stop=None) -> list:
+        try:
+            return self.cached.generate_many(items, max_new_tokens, self.eos_ids, stop)
+        except Exception:  # e.g. out of memory for the batch: one prompt at a time, failures in place
+            return super().generate_ids_batch(items, max_new_tokens, stop)
+
     def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
         logits = self.cached.teacher_forced(image, chat, prefix_chars, list(ids))
         return torch.log_softmax(logits, dim=-1).cpu().numpy()

@@ -169,3 +169,78 @@ class CachedForward:
             logits = self._head(self._run(embeds, positions, cache)[:, -1])
         self.seconds["decode"] += time.perf_counter() - started
         return generated
+
+    @torch.inference_mode()
+    def generate_many(self, items: list[tuple[Any, str, int | None]], max_new_tokens: int, eos_ids: list[int],
+                      stop: str | None = None) -> list[list[int]]:
+        """Greedy outputs for several prompts; prompts that share a cached prefix (same image and label)
+        decode together in one batch: a decode step costs about the same for 1 row as for 5 on a CPU,
+        where reading the weights dominates."""
+        prompts = [self._prompt(image, chat, prefix, []) for image, chat, prefix in items]
+        outputs: list[list[int] | None] = [None] * len(items)
+        groups: OrderedDict[str, list[int]] = OrderedDict()
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(prompt.key if prompt.prefix else f"alone:{index}", []).append(index)
+        for indices in groups.values():
+            if len(indices) == 1 or not prompts[indices[0]].prefix:
+                for index in indices:
+                    image, chat, prefix = items[index]
+                    outputs[index] = self.generate(image, chat, prefix, max_new_tokens, eos_ids, stop)
+                continue
+            for index, ids in zip(indices, self._generate_group([prompts[i] for i in indices], max_new_tokens, eos_ids, stop)):
+                outputs[index] = ids
+        return outputs  # type: ignore[return-value]
+
+    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, eos_ids: list[int], stop: str | None):
+        import copy
+
+        prefix = group[0].prefix
+        shared = self._state(group[0])
+        cache = copy.deepcopy(shared)
+        rows = len(group)
+        cache.batch_repeat_interleave(rows)
+        lengths = [p.embeds.shape[1] - prefix for p in group]
+        longest = max(lengths)
+        hidden_size = group[0].embeds.shape[-1]
+        device = group[0].embeds.device
+        embeds = torch.zeros(rows, longest, hidden_size, dtype=group[0].embeds.dtype, device=device)
+        positions = torch.zeros(3, rows, longest, dtype=group[0].positions.dtype, device=device)
+        mask = torch.zeros(rows, prefix + longest, dtype=torch.long, device=device)
+        mask[:, :prefix] = 1
+        for row, (prompt, length) in enumerate(zip(group, lengths)):
+            # Right-padded suffixes; the mask hides the pads from every later query.
+            embeds[row, :length] = prompt.embeds[0, prefix:]
+            positions[:, row, :length] = prompt.positions[:, 0, prefix:]
+            mask[row, prefix:prefix + length] = 1
+        started = time.perf_counter()
+        out = self.text(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
+        last = torch.tensor([length - 1 for length in lengths], device=device)
+        logits = self._head(out.last_hidden_state[torch.arange(rows, device=device), last])
+        self.seconds["prefill"] += time.perf_counter() - started
+        started = time.perf_counter()
+        next_position = [int(p.positions.max()) + 1 for p in group]
+        generated: list[list[int]] = [[] for _ in group]
+        done = [False] * rows
+        while not all(done):
+            tokens = logits.argmax(-1).tolist()
+            for row, token in enumerate(tokens):
+                if done[row]:
+                    continue
+                if token in eos_ids:
+                    done[row] = True
+                    continue
+                generated[row].append(token)
+                if len(generated[row]) >= max_new_tokens or (stop and self.runtime.decode(generated[row]).endswith(stop)):
+                    done[row] = True
+            if all(done):
+                break
+            step = torch.tensor([[t] for t in tokens], device=device)
+            embeds = self.text.embed_tokens(step)
+            positions = torch.tensor(next_position, dtype=group[0].positions.dtype, device=device).view(1, rows, 1).expand(3, rows, 1)
+            next_position = [p + 1 for p in next_position]
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+            out = self.text(inputs_embeds=embeds, position_ids=positions.contiguous(), attention_mask=mask, cache=cache, use_cache=True)
+            logits = self._head(out.last_hidden_state[:, -1])
+        self.seconds["decode"] += time.perf_counter() - started
+        return generated
+
