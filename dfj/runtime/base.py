@@ -75,3 +75,17 @@ class Runtime(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name}
+
+
+def shared_prefix_length(ids: list[int], head: list[int], image_token_id: int, image_tokens: int) -> int:
+    """How many leading prompt tokens are the tokens of the shared chat head (its one image pad
+    expanded to the image's tokens); 0 when the full prompt does not start with exactly them (BPE
+    merged across the boundary) or when nothing would be left to run after them."""
+    expanded: list[int] = []
+    for token in head:
+        expanded.extend([token] * image_tokens if token == image_token_id else [token])
+    n = len(expanded)
+    if n >= len(ids) - 1 or ids[:n] != expanded:
+        return 0
+    return n
+

@@ -175,14 +175,12 @@ class OnnxRuntime(Runtime):
         returns fresh arrays, so a stored state is never modified by later records)."""
         import hashlib
 
-        head = self.tokenize(chat[:prefix_chars])
-        expanded: list[int] = []
-        for token in head:
-            expanded.extend([token] * image_tokens if token == self.image_token_id else [token])
-        n = len(expanded)
-        if n >= ids.shape[1] - 1 or ids[0, :n].tolist() != expanded:
+        from dfj.runtime.base import shared_prefix_length
+
+        n = shared_prefix_length(ids[0].tolist(), self.tokenize(chat[:prefix_chars]), self.image_token_id, image_tokens)
+        if not n:
             return 0, self._empty_past()
-        key = digest + ":" + hashlib.sha256(np.asarray(expanded, dtype=np.int64).tobytes()).hexdigest()
+        key = digest + ":" + hashlib.sha256(ids[0, :n].numpy().tobytes()).hexdigest()
         if key in self.prefix_cache:
             self.prefix_cache.move_to_end(key)
             return n, self.prefix_cache[key]

@@ -86,19 +86,12 @@ class CachedForward:
         return _Prompt(ids, embeds, positions, prefix, key)
 
     def _prefix_length(self, ids: torch.Tensor, chat: str, prefix_chars: int | None, image_tokens: int) -> int:
-        """Tokens of `chat[:prefix_chars]`, if the full prompt's tokens start with exactly them (BPE
-        could merge across the boundary; then nothing is shared)."""
+        from dfj.runtime.base import shared_prefix_length
+
         if not prefix_chars:
             return 0
-        head = self.runtime.tokenize(chat[:prefix_chars])
-        pad = self.model.config.image_token_id
-        expanded: list[int] = []
-        for token in head:
-            expanded.extend([token] * image_tokens if token == pad else [token])
-        n = len(expanded)
-        if n >= ids.shape[1] or ids[0, :n].tolist() != expanded:
-            return 0
-        return n
+        return shared_prefix_length(ids[0].tolist(), self.runtime.tokenize(chat[:prefix_chars]),
+                                    self.model.config.image_token_id, image_tokens)
 
     # -- model ---------------------------------------------------------------------------------------
     def _run(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
