@@ -155,45 +155,46 @@ class Judge:
         for index, record in enumerate(items):
             try:
                 verdicts.append(self.judge(record))
-            except (ValueError, OSError) as exc:
-                verdicts.append(self._failed(index, record, str(exc)))
             except Exception as exc:  # a runtime failure on one record must not lose the others
-                verdicts.append(self._failed(index, record, f"{type(exc).__name__}: {exc}"))
+                verdicts.append(self._failed(index, record, _error_text(exc)))
             if progress:
                 progress(index + 1, len(items))
         return verdicts
 
     def _score_batched(self, items: list[Any], progress: Progress | None, size: int = 8) -> list[PointwiseVerdict]:
         """Consecutive records on the same image and label decode together (the DFJ layout: 5 per
-        image); a record that fails to prepare or to run gets its own error, the others are unaffected."""
+        image); a record that fails to prepare or to run gets its own error, the others are unaffected.
+        Groups run as soon as they are complete, so only one group's images are held at a time."""
         verdicts: list[PointwiseVerdict | None] = [None] * len(items)
-        groups: list[list[tuple[int, Any, str, int]]] = []
-        last_key = None
+        group: list[tuple[int, Any, str, int]] = []
+        group_key = None
+
+        def run_group() -> None:
+            outputs = self.runtime.generate_ids_batch([(pil, chat, prefix) for _, pil, chat, prefix in group],
+                                                      self.new_token_limit, stop="</score>")
+            for (index, *_), ids in zip(group, outputs):
+                verdicts[index] = (self._failed(index, items[index], _error_text(ids)) if isinstance(ids, Exception)
+                                   else parse_pointwise(self.runtime.decode(ids)))
+            group.clear()
+
         for index, record in enumerate(items):
             try:
                 rec = record_from_mapping(record, self.mode)
                 pil, chat = self._prepare(rec.image, rec.label, rec.responses())
             except Exception as exc:
-                verdicts[index] = self._failed(index, record, str(exc) if isinstance(exc, (ValueError, OSError))
-                                               else f"{type(exc).__name__}: {exc}")
-                continue
-            key = (rec.image if isinstance(rec.image, str) else id(rec.image), rec.label.strip().lower())
-            if key != last_key or len(groups[-1]) >= size:
-                groups.append([])
-                last_key = key
-            groups[-1].append((index, pil, chat, self._prefix_chars(chat, rec.label)))
-        done = sum(v is not None for v in verdicts)
-        for group in groups:
-            outputs = self.runtime.generate_ids_batch([(pil, chat, prefix) for _, pil, chat, prefix in group],
-                                                      self.new_token_limit, stop="</score>")
-            for (index, *_), ids in zip(group, outputs):
-                if isinstance(ids, Exception):
-                    verdicts[index] = self._failed(index, items[index], f"{type(ids).__name__}: {ids}")
-                else:
-                    verdicts[index] = parse_pointwise(self.runtime.decode(ids))
-            done += len(group)
+                verdicts[index] = self._failed(index, record, _error_text(exc))
+            else:
+                key = (rec.image if isinstance(rec.image, str) else id(rec.image), rec.label.strip().lower())
+                if group and (key != group_key or len(group) >= size):
+                    run_group()
+                group_key = key
+                group.append((index, pil, chat, self._prefix_chars(chat, rec.label)))
             if progress:
-                progress(done, len(items))
+                progress(index + 1 - len(group), len(items))
+        if group:
+            run_group()
+        if progress:
+            progress(len(items), len(items))
         return verdicts  # type: ignore[return-value]
 
     def _failed(self, index: int, record: Any, message: str) -> PointwiseVerdict | PairwiseVerdict:
@@ -240,6 +241,11 @@ class Judge:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "mode": self.mode, **self.runtime.describe(), **self.info}
+
+
+def _error_text(exc: BaseException) -> str:
+    """Bad input says what is wrong; anything else also says what kind of failure it was."""
+    return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
 
 
 def _response_names(mode: str) -> tuple[str, ...]:
