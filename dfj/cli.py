@@ -97,13 +97,14 @@ def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool) -> None:
 def export(
     source: str = typer.Argument(..., help="Model folder, adapter folder, dfj artifact or Hugging Face id."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
-    quant: str = typer.Option("none", "--quant", help="Format: none (merged safetensors), gptq-4bit, onnx-fp32, onnx-int8, onnx-int4."),
+    quant: str = typer.Option("none", "--quant", help="Format: none (merged safetensors), gptq-4bit, onnx-fp32, onnx-int8, onnx-int4, gguf-f32, gguf-f16, gguf-q8_0, gguf-q4_k_m."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
     dtype: str = typer.Option("auto", help="Saved dtype: auto (the checkpoint's), float32, bfloat16, float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-4bit: DFJ split folder whose images, prompts and gold outputs calibrate the quantization."),
     samples: int = typer.Option(128, "--samples", help="gptq-4bit: calibration records."),
     group_size: int = typer.Option(128, "--group-size", help="gptq-4bit: quantization group size."),
+    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="gguf-*: vision GGUF precision, f16 (default) or f32 (default for gguf-f32)."),
 ) -> None:
     """Export a judge: merge its LoRA and write a standalone artifact with a dfj manifest."""
     from dfj.export import FORMATS, export as run_export
@@ -112,6 +113,10 @@ def export(
         _fail(f"unknown --quant {quant!r}; available: {', '.join(FORMATS)}")
     try:
         extra = {"calibration": calibration, "samples": samples, "group_size": group_size} if quant.startswith("gptq") else {}
+        if quant.startswith("gguf"):
+            extra = {"mmproj_dtype": mmproj}
+        elif mmproj:
+            _fail("--mmproj applies to the gguf-* formats only")
         path = run_export(source, out, quant, mode=mode, dtype=dtype, overwrite=force, **extra)
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))

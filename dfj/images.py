@@ -1,7 +1,10 @@
 """One image loader for every runtime, and the Qwen2.5-VL resize rule with the DFJ training limits.
 
-Every runtime receives the same RGB PIL image from `load_image`; the resize itself is left to each
-runtime's own preprocessor, configured with the same `PixelLimits` so they all land on the same grid.
+Every runtime receives the same RGB PIL image, already resized by `fit_to_grid` to the size the
+Qwen2.5-VL rule gives (multiples of 28 within the judge's pixel limits), with PIL's bicubic filter
+as the DFJ training pipeline did (ms-swift -> qwen_vl_utils.fetch_image). Each runtime's own
+preprocessor then finds nothing to resize and only normalises, so transformers, ONNX Runtime and
+llama.cpp see the same pixels.
 """
 
 from __future__ import annotations
@@ -139,6 +142,14 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def fit_to_grid(image: Image.Image, limits: PixelLimits = PixelLimits()) -> Image.Image:
+    """`image` resized (bicubic) to its `smart_resize` size; returned as is when it already has it."""
+    height, width = smart_resize(image.height, image.width, limits)
+    if (height, width) == (image.height, image.width):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def check_image(image: Image.Image, limits: PixelLimits = PixelLimits()) -> Image.Image:

@@ -15,7 +15,7 @@ import numpy as np
 
 from dfj import prompts
 from dfj.data import PointwiseRecord, record_from_mapping
-from dfj.images import PATCH_FACTOR, ImageInput, check_image, load_image, smart_resize
+from dfj.images import PATCH_FACTOR, ImageInput, check_image, fit_to_grid, load_image, smart_resize
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
 from dfj.runtime import Runtime
@@ -207,7 +207,8 @@ class Judge:
         prompt = prompts.render(self.mode, label, *responses)
         for name, response in zip(_response_names(self.mode), responses):
             _check_judgeable(name, response)
-        pil = check_image(load_image(image), self.runtime.limits)
+        # Resized once here, for every runtime alike (see dfj.images).
+        pil = fit_to_grid(check_image(load_image(image), self.runtime.limits), self.runtime.limits)
         chat = prompts.render_chat(prompt)
         self._check_context(pil, chat)
         return pil, chat

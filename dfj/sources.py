@@ -54,7 +54,7 @@ def resolve(source: str | os.PathLike, mode: str | None = None, verify_files: bo
             verify(base, base_manifest)
         kind = "adapter"
         hints = [name, str(folder), str(base_ref)]
-    elif (folder / "config.json").is_file():
+    elif (folder / "config.json").is_file() or manifest is not None:  # a dfj artifact may carry no HF config (GGUF)
         base = None
         kind = "model"
         hints = [name, str(folder)]

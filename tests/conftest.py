@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,20 @@ def merged(tiny, tmp_path_factory):
         return built[mode]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory):
+    """module_dir(name) -> a fresh folder removed when the test module is done: exports are large."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

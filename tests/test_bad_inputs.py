@@ -31,11 +31,11 @@ finally:
 
 
 @pytest.fixture(scope="module")
-def corpus_run(tmp_path_factory):
+def corpus_run(module_dir):
     from dfj.testing import trained_tiny_judge
 
     judge = trained_tiny_judge("pointwise")
-    folder = tmp_path_factory.mktemp("corpus")
+    folder = module_dir("corpus")
     split = build_corpus(folder)
     out, rss = folder / "results.jsonl", folder / "rss.txt"
     proc = subprocess.run(

@@ -16,10 +16,10 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def batch_input(tiny_split, tmp_path_factory):
+def batch_input(tiny_split, module_dir):
     """A 30-record split with three bad lines mixed in."""
     split = tiny_split("pointwise", 30)
-    folder = tmp_path_factory.mktemp("batch")
+    folder = module_dir("batch")
     lines = (split / "data.jsonl").read_bytes().splitlines(keepends=True)
     lines.insert(3, b'{"image": "images/missing.png", "label": "fake", "response": "r"}\n')
     lines.insert(10, b"not json\n")
@@ -31,9 +31,9 @@ def batch_input(tiny_split, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(batch_input, tiny, judges, tmp_path_factory):
+def uninterrupted(batch_input, tiny, judges, module_dir):
     judge = judges(tiny("pointwise"), max_new_tokens=NEW_TOKENS)
-    out = tmp_path_factory.mktemp("batch-out") / "results.jsonl"
+    out = module_dir("batch-out") / "results.jsonl"
     summary = judge_jsonl(judge, batch_input, out)
     return out, summary
 

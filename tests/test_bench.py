@@ -25,11 +25,11 @@ PARITY_KEYS = {"tokens", "kld_mean", "kld_p99", "kld_max", "rms_delta_p", "top1_
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(module_dir):
     from dfj.export import merge
     from dfj.testing import trained_tiny_judge, trained_tiny_split
 
-    root = tmp_path_factory.mktemp("bench")
+    root = module_dir("bench")
     reference = trained_tiny_judge("pairwise")
     fp32 = merge(reference, root / "merged-fp32", dtype="float32")
     bf16 = merge(reference, root / "merged-bf16", dtype="bfloat16")

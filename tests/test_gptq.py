@@ -21,10 +21,10 @@ MIN_TOP1 = 0.95
 
 
 @pytest.fixture(scope="module")
-def gptq(tmp_path_factory):
+def gptq(module_dir):
     from dfj.testing import trained_tiny_judge, trained_tiny_split
 
-    root = tmp_path_factory.mktemp("gptq")
+    root = module_dir("gptq")
     built = {}
     for mode in ("pointwise", "pairwise"):
         built[mode] = export(trained_tiny_judge(mode), root / mode, "gptq-4bit",

@@ -21,17 +21,17 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def onnx_fp32(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx")
+def onnx_fp32(tiny, module_dir):
+    root = module_dir("onnx")
     return {mode: export(tiny(mode, adapter=True), root / f"{mode}-fp32", "onnx-fp32") for mode in ("pointwise", "pairwise")}
 
 
 @pytest.fixture(scope="module")
-def varied_split(tmp_path_factory):
+def varied_split(module_dir):
     """Ten records on five images of different sizes and aspect ratios, per mode."""
     from dfj.testing import build_tiny_dataset
 
-    root = tmp_path_factory.mktemp("varied")
+    root = module_dir("varied")
     return {mode: build_tiny_dataset(root / mode, mode, 10, responses_per_image=2) for mode in ("pointwise", "pairwise")}
 
 

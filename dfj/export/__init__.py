@@ -17,6 +17,10 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx-int8": ("dfj.export.onnx:export_onnx", {"quant": "int8"}),
     "onnx-int4": ("dfj.export.onnx:export_onnx", {"quant": "int4"}),
     "gptq-4bit": ("dfj.export.gptq:export_gptq", {"bits": 4}),
+    "gguf-f32": ("dfj.export.gguf:export_gguf", {"quant": "f32"}),
+    "gguf-f16": ("dfj.export.gguf:export_gguf", {"quant": "f16"}),
+    "gguf-q8_0": ("dfj.export.gguf:export_gguf", {"quant": "q8_0"}),
+    "gguf-q4_k_m": ("dfj.export.gguf:export_gguf", {"quant": "q4_k_m"}),
 }
 
 

@@ -15,6 +15,7 @@ from dfj.runtime.base import Runtime
 RUNTIMES: dict[str, str] = {
     "torch": "dfj.runtime.torch:TorchRuntime",
     "onnx": "dfj.runtime.onnx:OnnxRuntime",
+    "llamacpp": "dfj.runtime.llamacpp:LlamaCppRuntime",
 }
 
 # The runtime each artifact format needs by default (manifest `format`).
@@ -22,11 +23,13 @@ RUNTIME_FOR_FORMAT: dict[str, str] = {
     "safetensors": "torch",
     "onnx": "onnx",
     "gptq": "torch",  # transformers + GPTQModel kernels (pure torch on CPU)
+    "gguf": "llamacpp",
 }
 
 INSTALL_HINTS: dict[str, str] = {
     "torch": "pip install 'dfj[torch]'",
     "onnx": "pip install 'dfj[onnx]'",
+    "llamacpp": "pip install 'dfj[gguf]' (llama-cpp-python builds from source: see README)",
 }
 
 

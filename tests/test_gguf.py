@@ -1,0 +1,322 @@
+"""GGUF export and the llama.cpp runtime, against transformers, on the trained tiny judges."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dfj
+from dfj.cli import app
+from dfj.export import export
+from dfj.images import fit_to_grid
+from dfj.manifest import read_manifest, verify
+
+pytest.importorskip("llama_cpp", reason="the llama.cpp runtime needs dfj[gguf] (scripts/install.sh builds it)")
+pytestmark = pytest.mark.slow
+
+RECORDS = 16  # held-out records per mode for the f32 / f16 checks
+
+
+@pytest.fixture(scope="module")
+def gguf(module_dir):
+    from dfj.testing import trained_tiny_judge
+
+    root = module_dir("gguf")
+    built = {}
+    for mode in ("pointwise", "pairwise"):
+        for quant in ("f32", "f16"):
+            built[mode, quant] = export(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
+    built["merged"] = export(trained_tiny_judge("pointwise"), root / "merged", "none", dtype="float32")
+    return built
+
+
+@pytest.fixture(scope="module")
+def records():
+    from dfj.data import read_split
+    from dfj.testing import trained_tiny_split
+
+    return {mode: read_split(trained_tiny_split(mode, "test"), mode=mode).records[:RECORDS] for mode in ("pointwise", "pairwise")}
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(judges, records):
+    """The torch fp32 reference judge's greedy output for each held-out record."""
+    from dfj.testing import trained_tiny_judge
+
+    return {mode: judges(trained_tiny_judge(mode), dtype="float32").judge_many(records[mode]) for mode in records}
+
+
+def varied_strings() -> list[str]:
+    """Over 200 strings that stress a byte-level BPE: scripts, emoji, digits, whitespace, DFJ tags."""
+    fixed = [
+        "", " ", "  ", "\n", "\n\n\n", "\t", " \t \n ", "a", "A", "hello world", "Hello, World!", "it's", "don't",
+        "I'M", "we'll", "they've", "12345678901234567890", "3.14159", "1,000,000", "-42", "0x1F", "2026-11-29",
+        "<reasoning>The face is blurred.</reasoning> <answer>fake</answer>", "<score>5</score>",
+        "<answer>A</answer>", "<answer>B</answer>", "<|im_start|>user\nhi<|im_end|>", "<|endoftext|>",
+        "<|vision_start|><|image_pad|><|vision_end|>", "<tool_call>{}</tool_call>", "{your reasoning}",
+        "{A_or_B}", "{{double}}", "naïve café", "Größe", "東京は晴れ", "深度伪造检测", "한국어 텍스트",
+        "Привет, мир", "مرحبا بالعالم", "שלום", "हिन्दी", "ไทย", "😀", "👩‍👩‍👧‍👦", "🇺🇸🇫🇷", "a😀b", "e\u0301",
+        "\u200b", "\u00a0non-breaking", "tab\tseparated", "line\r\nbreak", "trailing space ", " leading",
+        "    indented code", "def f(x):\n    return x**2", "SELECT * FROM t;", "https://example.com/a?b=c",
+        "user@example.com", "C:\\path\\to\\file", "$$x^2$$", "100%", "#hashtag", "@mention", "…", "—", "“quoted”",
+        "ﬁ ligature", "Ω≈ç√∫", "ZWJ\u200dtest", "\x00"[:0] + "null-free", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "!!!???...", "The image shows clear GAN artifacts around the eyes.", "real", "fake", "edited",
+    ]
+    rng = np.random.default_rng(0)
+    pieces = ["deepfake", " ", "  ", "\n", "123", "4567", "😀", "東京", "é", "<reasoning>", "</reasoning>", "<score>",
+              "</score>", "<answer>", "</answer>", "<|im_end|>", "Ω", " the", "ING", "'s", "\t", "...", "0", "中文",
+              "🇯🇵", "ß", "  \n  ", "x" * 7, "日本語", "مرحبا"]
+    mixed = ["".join(rng.choice(pieces, size=int(rng.integers(1, 12)))) for _ in range(150)]
+    return fixed + mixed
+
+
+def test_tokenizer_matches_torch_on_varied_strings(gguf, judges):
+    from dfj.testing import trained_tiny_judge
+
+    strings = varied_strings()
+    assert len(strings) >= 200
+    ours = judges(gguf["pointwise", "f32"]).runtime
+    theirs = judges(trained_tiny_judge("pointwise"), dtype="float32").runtime
+    mismatched = [s for s in strings if ours.tokenize(s) != theirs.tokenize(s)]
+    assert not mismatched, mismatched[:5]
+    for text in strings[20:60]:  # and back: decode(tokenize(s)) round-trips where the reference does
+        ids = theirs.tokenize(text)
+        assert ours.decode(ids) == theirs.decode(ids)
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records, mode):
+    from dfj import prompts
+    from dfj.images import load_image
+    from dfj.testing import trained_tiny_judge
+    from dfj.tokenizer_assets import IMAGE_PAD_ID
+
+    ours = judges(gguf[mode, "f32"]).runtime
+    theirs = judges(trained_tiny_judge(mode), dtype="float32").runtime
+    for record in records[mode][:6]:
+        image = fit_to_grid(load_image(record.image), ours.limits)
+        chat = prompts.render_chat(prompts.render(mode, record.label, *record.responses()))
+        expected = theirs.encode(image, chat)["input_ids"][0].tolist()
+        assert ours.prompt_ids(image, chat, IMAGE_PAD_ID) == expected
+
+
+@pytest.mark.parametrize("size", [(84, 112), (300, 120), (56, 560), (448, 336)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_f32_vision_embeddings_match_transformers(gguf, judges, size):
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(size))
+    image = fit_to_grid(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB"))
+    ours = judges(gguf["pointwise", "f32"]).runtime.image_embeddings(image)
+    reference = judges(gguf["merged"]).runtime  # the LoRA leaves the vision tower as it is
+    inputs = reference.processor.image_processor(images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        out = reference.model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    theirs = getattr(out, "pooler_output", out).reshape(ours.shape).numpy()
+    cosine = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs, axis=-1)
+    assert cosine.min() >= 0.9999, cosine.min()
+
+
+def _kld(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    p = np.exp(reference.astype(np.float64))
+    return (p * (reference.astype(np.float64) - candidate.astype(np.float64))).sum(-1)
+
+
+# f32: the lossless path; f16: half-precision weights. Mean KL(torch fp32 ‖ GGUF) over every output token.
+KLD_BOUNDS = {"f32": 1e-4, "f16": 1e-3}
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16"])
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_lossless_and_f16_match_the_reference_on_every_record(gguf, judges, records, reference_outputs, mode, quant):
+    from dfj import prompts
+    from dfj.images import load_image
+    from dfj.testing import trained_tiny_judge
+
+    judge = judges(gguf[mode, quant])
+    verdicts = judge.judge_many(records[mode])
+    expected = reference_outputs[mode]
+    if quant == "f32":  # greedy output identical, token for token
+        assert [v.text for v in verdicts] == [v.text for v in expected]
+    fields = ("score",) if mode == "pointwise" else ("choice",)
+    assert [[getattr(v, f) for f in fields] for v in verdicts] == [[getattr(v, f) for f in fields] for v in expected]
+    reference = judges(trained_tiny_judge(mode), dtype="float32").runtime
+    klds = []
+    for record, verdict in zip(records[mode], expected):
+        image = fit_to_grid(load_image(record.image), reference.limits)
+        chat = prompts.render_chat(prompts.render(mode, record.label, *record.responses()))
+        ids = reference.tokenize(verdict.text) + [reference.tokenize("<|im_end|>")[0]]
+        klds.extend(_kld(reference.logprobs_ids(image, chat, ids), judge.runtime.logprobs_ids(image, chat, ids)))
+    assert len(klds) > RECORDS
+    assert float(np.mean(klds)) <= KLD_BOUNDS[quant], float(np.mean(klds))
+
+
+def test_kv_reuse_across_records_gives_the_logits_of_a_fresh_runtime(gguf, records):
+    """The runtime keeps one KV sequence: records on one image reuse what they share."""
+    from dfj import prompts
+    from dfj.images import load_image
+    from dfj.runtime.llamacpp import LlamaCppRuntime
+
+    by_image: dict[str, list] = {}
+    for record in records["pointwise"]:
+        by_image.setdefault(record.image, []).append(record)
+    group = max(by_image.values(), key=len)
+    other = next(r for r in records["pointwise"] if r.image != group[0].image)
+    warm = LlamaCppRuntime.from_folder(gguf["pointwise", "f32"])
+    ids = warm.tokenize("<reasoning>ok</reasoning>\n<score>3</score>")
+    sequence = group + [other] + group[:1]
+    for record in sequence:
+        image = fit_to_grid(load_image(record.image), warm.limits)
+        chat = prompts.render_chat(prompts.render("pointwise", record.label, record.response))
+        reused = warm.logprobs_ids(image, chat, ids)
+        generated = warm.generate_ids(image, chat, 12)
+        fresh = LlamaCppRuntime.from_folder(gguf["pointwise", "f32"])
+        assert np.array_equal(reused, fresh.logprobs_ids(image, chat, ids))
+        assert generated == fresh.generate_ids(image, chat, 12)
+        fresh.close()
+    warm.close()
+
+
+def test_artifact_manifest_metadata_and_runtime(gguf, judges):
+    import gguf as gguf_lib
+
+    folder = gguf["pointwise", "f16"]
+    manifest = verify(folder)
+    assert manifest.format == "gguf" and manifest.quant == "gguf-f16"
+    info = manifest.extra["gguf"]
+    assert info["bytes"]["model.gguf"] == (folder / "model.gguf").stat().st_size
+    assert info["mmproj_dtype"] == "f16"
+    assert sorted(p.name for p in folder.iterdir()) == ["dfj.json", "mmproj.gguf", "model.gguf"]
+    text = gguf_lib.GGUFReader(folder / "model.gguf")
+    field = lambda reader, key: reader.fields[key].contents()  # noqa: E731
+    assert field(text, "general.architecture") == "qwen2vl"
+    assert field(text, "qwen2vl.rope.dimension_sections") == [8, 12, 12, 0]
+    assert field(text, "tokenizer.ggml.pre") == "qwen2" and field(text, "tokenizer.ggml.model") == "gpt2"
+    assert len(field(text, "tokenizer.ggml.tokens")) == 151936
+    assert "<|im_start|>" in field(text, "tokenizer.chat_template")
+    assert field(text, "tokenizer.ggml.add_bos_token") is False
+    vision = gguf_lib.GGUFReader(folder / "mmproj.gguf")
+    assert field(vision, "clip.projector_type") == "qwen2.5vl_merger"
+    assert field(vision, "clip.vision.n_wa_pattern") == 2  # full attention in blocks 1 and 3
+    names = {t.name for t in vision.tensors}
+    assert {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.blk.0.attn_q.weight", "v.blk.3.attn_v.bias"} <= names
+    judge = judges(folder)
+    assert judge.runtime.name == "llamacpp"
+    with pytest.raises(ValueError, match="precision it was exported with"):
+        dfj.load_judge(str(folder), dtype="bfloat16")
+
+
+def test_cli_batch_judges_a_gguf_artifact_as_the_merged_model(gguf, tmp_path):
+    from dfj.testing import trained_tiny_split
+
+    split = trained_tiny_split("pointwise", "test")
+    runner = CliRunner()
+    outputs = {}
+    for name, artifact in (("gguf", gguf["pointwise", "f32"]), ("merged", gguf["merged"])):
+        out = tmp_path / f"{name}.jsonl"
+        result = runner.invoke(app, ["judge", str(artifact), "--data", str(split), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs[name] = [json.loads(line)["dfj"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(outputs["gguf"]) > 20
+    assert outputs["gguf"] == outputs["merged"]
+
+
+# Stated bounds for llama.cpp's quantized text models on the trained tiny judges (hidden size 256, so
+# every K-quant block is exercised), 24 held-out records. Measured: q8_0 mean KLD 4.7e-6 (pointwise) /
+# 3.0e-5 (pairwise), top-1 1.0, same verdicts; q4_k_m 0.012 / 0.0033, top-1 0.993 / 1.0, verdict
+# agreement 0.79 / 1.0 (a tiny judge's score is fragile; a 3B judge's is not measured here).
+QUANT_BOUNDS = {"q8_0": {"kld": 0.001, "top1": 0.99, "agree": 0.95}, "q4_k_m": {"kld": 0.05, "top1": 0.97, "agree": 0.65}}
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
+    from dfj.bench.run import BenchJudge, run_bench
+    from dfj.testing import trained_tiny_judge, trained_tiny_split
+
+    root = module_dir(f"gguf-quant-{mode}")
+    adapter = trained_tiny_judge(mode)
+    artifacts = [BenchJudge(str(export(adapter, root / q, f"gguf-{q}")), "llamacpp", label=q) for q in QUANT_BOUNDS]
+    report = run_bench(BenchJudge(str(adapter), "torch", label="reference"), artifacts,
+                       trained_tiny_split(mode, "test"), root / "report", limit=24)
+    measured = {}
+    for entry in report["artifacts"]:
+        bounds, parity = QUANT_BOUNDS[entry["name"]], entry["parity"]
+        measured[entry["name"]] = {"kld_mean": parity["kld_mean"], "top1": parity["top1_agreement"],
+                                   "agreement": entry["agreement"], "bytes": entry["cost"]["size_bytes"]}
+        assert entry["error"] is None, entry["error"]
+        assert parity["tokens"] > 24 and parity["kld_mean"] <= bounds["kld"], parity
+        assert parity["top1_agreement"] >= bounds["top1"] and entry["agreement"] >= bounds["agree"], entry
+        assert read_manifest(root / entry["name"]).quant == f"gguf-{entry['name']}"
+    print(f"\n{mode} GGUF quantization vs torch fp32: {json.dumps(measured)}")
+    assert measured["q4_k_m"]["bytes"] < measured["q8_0"]["bytes"]
+
+
+# The released judges' shapes (Qwen2.5-VL-3B/7B-Instruct): the 3B ties its head, the 7B does not.
+REAL_TEXT = {
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("size", ["3B", "7B"])
+def test_tensor_map_is_complete_for_the_real_configurations(size):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from dfj.export.gguf import plan_tensors
+
+    text = {**REAL_TEXT[size], "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+    tied = text.pop("tie_word_embeddings")
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
+                  fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_act="silu")
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    as_dict = json.loads(config.to_json_string())
+    text_plan, vision_plan = plan_tensors(shapes, as_dict)
+    layers = text["num_hidden_layers"]
+    # 12 tensors per decoder layer (q/k/v with biases), token_embd, output_norm, and output unless tied.
+    assert len(text_plan) == 12 * layers + 2 + (0 if tied else 1)
+    assert ("output.weight" in {t.name for t in text_plan}) is not tied
+    # 16 per vision block (qkv split into 3 weights + 3 biases), 2 patch kernels, post_ln, 2x merger (w, b).
+    assert len(vision_plan) == 16 * 32 + 2 + 1 + 4
+    names = [t.name for t in text_plan + vision_plan]
+    assert len(names) == len(set(names))
+    q = next(t for t in vision_plan if t.name == "v.blk.0.attn_q.weight")
+    assert q.shape == (1280, 1280)
+    with pytest.raises(ValueError, match="no GGUF name.*model.layers.0.mlp.extra.weight"):
+        plan_tensors({**shapes, "model.layers.0.mlp.extra.weight": (4,)}, as_dict)
+    if not tied:
+        shapes.pop("lm_head.weight")
+        with pytest.raises(ValueError, match="lacks output.weight"):
+            plan_tensors(shapes, as_dict)
+
+
+NO_TORCH = """
+import json, sys
+for name in ("torch", "transformers", "torchvision", "peft", "onnxruntime", "gguf"):
+    sys.modules[name] = None  # an edge install: dfj + llama-cpp-python only
+import dfj
+judge = dfj.load_judge(sys.argv[1])
+print(json.dumps(judge.score(sys.argv[2], sys.argv[3], sys.argv[4]).to_dict()))
+"""
+
+
+def test_judging_a_gguf_artifact_needs_no_torch(gguf, judges, records):
+    import subprocess
+    import sys
+
+    record = records["pointwise"][0]
+    folder = gguf["pointwise", "f16"]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(folder), record.image, record.label, record.response],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = judges(folder).score(record.image, record.label, record.response).to_dict()
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
