@@ -23,6 +23,10 @@ DEMO_EXPORTS: tuple[tuple[str, str, dict, bool], ...] = (
     ("onnx-int8", "onnx-int8", {}, False),
     ("onnx-int4", "onnx-int4", {}, False),
     ("gptq-4bit", "gptq-4bit", {"samples": 128}, False),  # calibrated on the judge's training split
+    ("gguf-f32", "gguf-f32", {}, True),
+    ("gguf-f16", "gguf-f16", {}, False),
+    ("gguf-q8_0", "gguf-q8_0", {}, False),
+    ("gguf-q4_k_m", "gguf-q4_k_m", {}, False),
 )
 
 

@@ -9,6 +9,7 @@ reference, verdict agreement and logit parity, with a tolerance gate. Keys are d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -170,11 +171,21 @@ def run_bench(
 # -- workers ------------------------------------------------------------------------------------------
 def _cache_key(judge: BenchJudge, role: str, data_hash: str, common: dict, extra: str = "") -> str:
     identity = {"source": _source_identity(judge.source), "runtime": judge.runtime, "device": judge.device,
-                "dtype": judge.dtype, "role": role, "data": data_hash, "extra": extra,
+                "dtype": judge.dtype, "role": role, "data": data_hash, "extra": extra, "code": _code_identity(),
                 **{k: v for k, v in common.items() if k != "data"}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", judge.name())[:40]
     return f"{slug}-{digest}"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_identity() -> str:
+    """A hash of dfj's own source: verdicts cached by another dfj (say, another resize rule) are not reused."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _source_identity(source: str) -> Any:

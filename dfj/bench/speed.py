@@ -2,6 +2,7 @@
 scripts do) against dfj's fast path, on the same records. A benchmark, not a test.
 
     python -m dfj.bench.speed --mode pairwise [--text-layers 4] [--vision-layers 4] [--out speed.json]
+                              [--artifacts gguf-q8_0 gguf-q4_k_m onnx-int8 …]
 
 The judge is bench-shaped: the real Qwen2.5-VL-3B widths and heads (text 2048 / 16 heads / 2 KV
 heads, vision 1280 / 16 heads), fewer layers, random weights; records are DFJ-shaped (one image near
@@ -10,6 +11,12 @@ a pairwise judge never writes a well-formed `<answer>`, so pairwise agreement is
 the one-forward verdict with and without the caches; pointwise compares the greedy text of both
 paths. Decoding is capped for both paths alike: pointwise at `--new-tokens` (a DFJ verdict's
 length), pairwise at the length of `<answer>X</answer>` plus the end-of-turn step.
+
+`--artifacts` also exports the bench judge in those formats (kept in the work folder) and times each
+one's fast path on its default runtime over the same records, against the same torch reference:
+per-verdict seconds, speed-up, and agreement with the torch fast path (pairwise: same choice and
+|Δ p_a|; pointwise: same greedy text). Whether a quantization stays within the bench tolerances is
+measured on the trained tiny judges by `dfj bench` (`dfj demo`), not on random weights.
 """
 
 from __future__ import annotations
@@ -96,7 +103,8 @@ def _responses(record: dict[str, str]) -> tuple[str, ...]:
     return (record["response"],) if "response" in record else (record["response_a"], record["response_b"])
 
 
-def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_tokens: int) -> dict[str, Any]:
+def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_tokens: int,
+        artifacts: tuple[str, ...] = ()) -> dict[str, Any]:
     import dfj
 
     judge_dir = build_bench_judge(folder / f"bench-judge-t{text_layers}-v{vision_layers}", text_layers, vision_layers)
@@ -141,6 +149,7 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
         agreement_kind = "one-forward p_a with vs without caches (|Δ| < 1e-4)"
     n = len(records)
     ref_total, fast_total = sum(reference_s), sum(fast_s)
+    rows = [_artifact_row(quant, judge_dir, mode, image, records, fast, new_tokens, ref_total) for quant in artifacts]
     ref_decode = max(ref_total / n - stages["vision"] - stages["prefill"], 0.0)
     return {
         "mode": mode, "records": n, "image_size": IMAGE_SIZE, "prompt_tokens": stages["prompt_tokens"],
@@ -152,7 +161,44 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
         "speedup": ref_total / fast_total,
         "agreement": agreement, "agreement_kind": agreement_kind,
         "cache": dict(cached.stats),
+        "artifacts": rows,
     }
+
+
+def _artifact_row(quant: str, judge_dir: Path, mode: str, image, records, torch_fast, new_tokens: int,
+                  ref_total: float) -> dict[str, Any]:
+    """The fast path of `judge_dir` exported as `quant`, on its default runtime, over the same records."""
+    import dfj
+    from dfj.export import export
+    from dfj.manifest import read_manifest
+
+    out = judge_dir.parent / f"{judge_dir.name}-{quant}"
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None or manifest.quant != quant:
+        started = time.perf_counter()
+        export(str(judge_dir), out, quant, mode=mode, overwrite=True)
+        print(f"exported {quant} in {time.perf_counter() - started:.0f} s", flush=True)
+    started = time.perf_counter()
+    judge = dfj.load_judge(str(out), mode=mode, max_new_tokens=new_tokens)
+    load_s = time.perf_counter() - started
+    seconds, verdicts = [], []
+    if mode == "pointwise":
+        started = time.perf_counter()
+        verdicts = judge.score_many([{"image": image, **record} for record in records])
+        seconds = [(time.perf_counter() - started) / len(records)] * len(records)
+        agreement = {"same_text_as_torch": sum(a.text == b.text for a, b in zip(verdicts, torch_fast)) / len(records)}
+    else:
+        for record in records:
+            started = time.perf_counter()
+            verdicts.append(judge.compare(image, record["label"], record["response_a"], record["response_b"]))
+            seconds.append(time.perf_counter() - started)
+        agreement = {"same_choice_as_torch": sum(a.choice == b.choice for a, b in zip(verdicts, torch_fast)) / len(records),
+                     "max_abs_delta_p_a": max(abs(a.p_a - b.p_a) for a, b in zip(verdicts, torch_fast))}
+    total = sum(seconds)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"quant": quant, "runtime": judge.runtime.name, "per_verdict_s": total / len(records),
+            "first_verdict_s": seconds[0], "speedup_vs_reference": ref_total / total, "load_s": load_s,
+            "size_bytes": size, **agreement}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,10 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=96, help="decode cap for both paths (pointwise)")
     parser.add_argument("--work", type=Path, default=None, help="where the bench judge is built (default: dfj cache)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--artifacts", nargs="*", default=[], help="--quant formats to time too (e.g. gguf-q8_0)")
     args = parser.parse_args(argv)
     from dfj.demo import default_cache
 
-    result = run(args.mode, args.work or default_cache() / "speed", args.text_layers, args.vision_layers, args.new_tokens)
+    result = run(args.mode, args.work or default_cache() / "speed", args.text_layers, args.vision_layers, args.new_tokens,
+                 tuple(args.artifacts))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
