@@ -6,7 +6,12 @@ or exporter that needs them, when it is used.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# torchao (pulled in by GPTQModel, imported by transformers) registers enums with torch's pytree, and
+# torch warns about each one on every model load: noise for a user, nothing to act on.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from dfj.manifest import ArtifactError
-
-# torchao (pulled in by GPTQModel, imported by transformers) registers enums with torch's pytree, and
-# torch warns about each one on every model load: noise for a user, nothing to act on.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -172,7 +172,7 @@ def _artifact_row(quant: str, judge_dir: Path, mode: str, image, records, torch_
     from dfj.export import export
     from dfj.manifest import read_manifest
 
-    out = judge_dir.parent / f"{judge_dir.name}-{quant}"
+    out = judge_dir.parent / f"{judge_dir.name}-{mode}-{quant}"  # the manifest records the mode
     manifest = read_manifest(out) if out.is_dir() else None
     if manifest is None or manifest.quant != quant:
         started = time.perf_counter()

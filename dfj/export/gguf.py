@@ -26,6 +26,7 @@ from dfj.export.lora_merge import adapter_record
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import Manifest, write_manifest
+from dfj.runtime.llamacpp import package_version
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
@@ -320,8 +321,8 @@ def write_gguf(model_dir: Path, folder: Path, *, quant: str, limits: PixelLimits
            mmproj_dtype)
     return {"quant": quant, "mmproj_dtype": mmproj_dtype, "normalizer": normalizer, "text_tensors": len(text), "vision_tensors": len(vision),
             "bytes": {TEXT_FILE: (folder / TEXT_FILE).stat().st_size, MMPROJ_FILE: (folder / MMPROJ_FILE).stat().st_size},
-            "writer": "gguf " + _version("gguf"), "quantizer": "llama.cpp (llama-cpp-python " + _version("llama_cpp_python") + ")"
-            if direct != quant else None}
+            "writer": "gguf " + package_version("gguf"),
+            "quantizer": f"llama.cpp (llama-cpp-python {package_version('llama_cpp_python')})" if direct != quant else None}
 
 
 def quantize_text(source: Path, target: Path, quant: str) -> None:
@@ -335,15 +336,6 @@ def quantize_text(source: Path, target: Path, quant: str) -> None:
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0 or not target.is_file():
         raise RuntimeError(f"llama.cpp failed to quantize {source.name} to {quant} (status {status})")
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def export_gguf(

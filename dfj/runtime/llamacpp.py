@@ -377,7 +377,7 @@ class LlamaCppRuntime(Runtime):
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "context": self.context_length,
-                "llama_cpp_python": _version()}
+                "llama_cpp_python": package_version("llama_cpp_python")}
 
 
 def _normalizer(folder: Path) -> str | None:
@@ -388,10 +388,10 @@ def _normalizer(folder: Path) -> str | None:
     return (manifest.extra.get("gguf", {}) if manifest else {}).get("normalizer", "NFC")
 
 
-def _version() -> str:
+def package_version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("llama_cpp_python")
+        return version(package)
     except PackageNotFoundError:
         return "unknown"
