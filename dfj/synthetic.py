@@ -137,26 +137,6 @@ def gold_pointwise(level: int) -> str:
     return f"<reasoning>{_GOLD_REASONS[level]}</reasoning>\n<score>{level}</score>"
 
 
-# Share of pairs on a manipulated image that only the pixels decide: both responses use the same words
-# and differ only in whether the artifact they cite is the one in the image (levels 5 vs 3, 2 vs 1).
-# Drawn uniformly, such pairs would be 2 in 10, and a judge reading only the text would lose little.
-IMAGE_DECIDED_PAIRS = 0.5
-
-
-def pairwise_levels(rng: random.Random, scene: Scene) -> tuple[int, int]:
-    """The quality levels of a pair's two responses (never equal)."""
-    if scene.artifact is not None and rng.random() < IMAGE_DECIDED_PAIRS:
-        pair = list(rng.choice([(5, 3), (2, 1)]))
-        rng.shuffle(pair)
-        return pair[0], pair[1]
-    la, lb = rng.sample(range(1, 6), 2)
-    return la, lb
-
-
-def _image_decided(la: int, lb: int, scene: Scene) -> bool:
-    return scene.artifact is not None and {la, lb} in ({5, 3}, {2, 1})
-
-
 def random_scene(rng: random.Random) -> Scene:
     label = rng.choice(prompts.LABELS)
     if label == "real":
@@ -187,7 +167,7 @@ def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: i
                 prompt = prompts.render_pointwise(scene.label, detector_response(rng, scene, level))
                 gold = gold_pointwise(level)
             else:
-                la, lb = pairwise_levels(rng, scene)
+                la, lb = rng.sample(range(1, 6), 2)
                 prompt = prompts.render_pairwise(
                     scene.label, detector_response(rng, scene, la), detector_response(rng, scene, lb)
                 )
@@ -195,8 +175,7 @@ def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: i
             lines.append(json.dumps({
                 "messages": [{"role": "user", "content": "<image>" + prompt}, {"role": "assistant", "content": gold}],
                 "images": [name],
-                "meta": {"artifact": scene.artifact, "region": scene.region,
-                         **({"image_decided": _image_decided(la, lb, scene)} if mode == "pairwise" else {})},
+                "meta": {"artifact": scene.artifact, "region": scene.region},
             }))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
