@@ -15,14 +15,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
 fi
 # llama-cpp-python is source-only on PyPI and its default build targets the build machine's CPU (AMX
 # here: quantized models then die with SIGILL on other CPUs). Build one portable wheel (AVX2/FMA/F16C)
-# once, keep it in the wheel cache, and let pip take it from there on every later install.
+# once (never from pip's own cache, which may hold a native build), keep it in the wheel cache, and
+# let pip take it from there on every later install.
 LLAMA_CPP_VERSION=0.3.36
 WHEELS=${DFJ_WHEEL_CACHE:-$HOME/.cache/dfj/wheels}
 mkdir -p "$WHEELS"
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; then
     echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build, about 7-20 minutes, once)"
     if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
-        .venv/bin/python -m pip wheel --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
+        .venv/bin/python -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" > .venv/llama-build.log 2>&1; then
         tail -40 .venv/llama-build.log
         echo "dfj: llama-cpp-python build failed (full log: .venv/llama-build.log)" >&2
