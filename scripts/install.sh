@@ -21,7 +21,7 @@ LLAMA_CPP_VERSION=0.3.36
 WHEELS=${DFJ_WHEEL_CACHE:-$HOME/.cache/dfj/wheels}
 mkdir -p "$WHEELS"
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; then
-    echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build, about 7-20 minutes, once)"
+    echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build, about 5 minutes on 2 cores, once)"
     if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
         .venv/bin/python -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" > .venv/llama-build.log 2>&1; then
