@@ -13,7 +13,6 @@ from dfj.export import export
 from dfj.images import fit_to_grid
 from dfj.manifest import read_manifest, verify
 
-pytest.importorskip("llama_cpp", reason="the llama.cpp runtime needs dfj[gguf] (scripts/install.sh builds it)")
 pytestmark = pytest.mark.slow
 
 RECORDS = 16  # held-out records per mode for the f32 / f16 checks
