@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -110,7 +109,7 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> 
     return text, vision
 
 
-def _gguf_dtype(name: str, shape: tuple[int, ...], dtype: str) -> type:
+def _gguf_dtype(shape: tuple[int, ...], dtype: str) -> type:
     """f16 files keep norms and biases (1-D) in f32, as llama.cpp's own converter does."""
     return np.float16 if dtype == "f16" and len(shape) > 1 else np.float32
 
@@ -122,7 +121,7 @@ def _write(path: Path, arch: str, metadata: Callable[[Any], None], tensors: list
 
     writer = gguf.GGUFWriter(path, arch)
     metadata(writer)
-    converted = [(t, _gguf_dtype(t.name, t.shape, dtype)) for t in tensors]
+    converted = [(t, _gguf_dtype(t.shape, dtype)) for t in tensors]
     for tensor, np_dtype in converted:
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np_dtype),
                                int(np.prod(tensor.shape)) * np.dtype(np_dtype).itemsize)
@@ -350,17 +349,14 @@ def export_gguf(
     **_: Any,
 ) -> Path:
     """Merge the LoRA if needed, write the two GGUF files, check the probe through llama.cpp, write."""
-    from dfj.export.lora_merge import export_merged
+    from dfj.export.lora_merge import merged_scratch
     from dfj.sources import resolve
 
     if quant not in QUANTS:
         raise ValueError(f"unknown GGUF quantization {quant!r}: {', '.join(QUANTS)}")
     resolved = resolve(source, mode=mode)
     limits = limits or resolved.limits
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merge-") as scratch:
-        merged = export_merged(source, Path(scratch) / "merged", mode=mode, dtype="float32", limits=limits)
+    with merged_scratch(source, out, mode=mode, limits=limits) as merged:
         with staged_folder(out, overwrite=overwrite) as work:
             info = write_gguf(merged, work, quant=quant, limits=limits, name=resolved.name, mmproj_dtype=mmproj_dtype)
             parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"])
@@ -374,7 +370,7 @@ def export_gguf(
                                    {"name": resolved.name, "kind": resolved.kind, **adapter_record(resolved)},
                                    limits=limits, quant=f"gguf-{quant}", parity=parity, extra={"gguf": info}),
             )
-    return out.resolve()
+    return Path(out).resolve()
 
 
 def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, normalizer: str | None) -> dict[str, float]:

@@ -14,7 +14,6 @@ import contextlib
 import gc
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,7 @@ def export_gptq(
     **_: Any,
 ) -> Path:
     """Merge, calibrate, quantize with GPTQ, verify, and write a GPTQ checkpoint with a dfj manifest."""
-    from dfj.export.lora_merge import export_merged
+    from dfj.export.lora_merge import merged_scratch
     from dfj.sources import resolve
 
     if calibration is None:
@@ -82,14 +81,12 @@ def export_gptq(
     limits = limits or resolved.limits
     conversations = calibration_conversations(calibration, resolved.mode, samples)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merge-") as scratch:
-        merged = export_merged(source, Path(scratch) / "merged", mode=mode, dtype="float32", limits=limits)
+    with merged_scratch(source, out, mode=mode, limits=limits) as merged:
         settings = {**DEFAULTS, "bits": bits, "group_size": group_size, "samples": len(conversations),
                     "calibration": str(Path(calibration).resolve()), "backend": "gptqmodel",
                     "calibration_with_gold_output": all(len(c) == 2 for c in conversations)}
         with staged_folder(out, overwrite=overwrite) as work:
-            log = Path(scratch) / "gptqmodel.log"
+            log = merged.parent / "gptqmodel.log"  # the scratch folder, removed with the merge
             with _library_output_to(log):
                 _quantize(merged, work, conversations, bits, group_size)
                 checks = verify_gptq(work, merged, resolved.mode)

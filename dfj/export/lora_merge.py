@@ -7,10 +7,12 @@ an error (nothing is left at the output path).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dfj import hf
 from dfj.export.probe import compare_logits, probe_logits
@@ -89,3 +91,14 @@ def export_merged(
                 ),
             )
     return Path(out).resolve()
+
+
+@contextlib.contextmanager
+def merged_scratch(source: str | os.PathLike, out: str | os.PathLike, *, mode: str | None = None,
+                   limits: PixelLimits | None = None) -> Iterator[Path]:
+    """The float32 merge of `source` in a hidden scratch folder beside `out` (same disk), removed after:
+    the starting point of the quantizing exports."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merge-") as scratch:
+        yield export_merged(source, Path(scratch) / "merged", mode=mode, dtype="float32", limits=limits)

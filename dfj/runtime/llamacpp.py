@@ -248,23 +248,17 @@ class LlamaCppRuntime(Runtime):
 
     def prompt_ids(self, image: Image.Image, chat: str, image_token_id: int) -> list[int]:
         """The prompt as one id list, each image token shown as `image_token_id` (as transformers' processor)."""
-        prompt = self._prompt(image, chat)
-        try:
-            return prompt.head + [image_token_id] * prompt.image_tokens + prompt.tail
-        finally:
-            self.mtmd.mtmd_input_chunks_free(prompt.chunks)
+        return self._with_prompt(image, chat, lambda p: p.head + [image_token_id] * p.image_tokens + p.tail)
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """(image tokens, hidden) embeddings of the mmproj for `image` (after the shared resize)."""
-        prompt = self._prompt(image, IMAGE_BLOCK)
-        try:
+        def work(prompt: _Prompt) -> np.ndarray:
             if self.mtmd.mtmd_encode_chunk(self.vision, prompt.image_chunk) != 0:
                 raise RuntimeError("mtmd could not encode the image")
             width = self.llama_cpp.llama_model_n_embd_inp(self.model)
             pointer = self.mtmd.mtmd_get_output_embd(self.vision)
-            return np.ctypeslib.as_array(pointer, shape=(prompt.image_tokens * width,)).reshape(prompt.image_tokens, width).copy()
-        finally:
-            self.mtmd.mtmd_input_chunks_free(prompt.chunks)
+            return np.ctypeslib.as_array(pointer, shape=(prompt.image_tokens, width)).copy()
+        return self._with_prompt(image, IMAGE_BLOCK, work)
 
     def _run_prompt(self, prompt: _Prompt, extra: list[int], outputs: list[int]) -> tuple[np.ndarray, int]:
         """Evaluate head, image, tail + `extra`; logits at `outputs` (indices into tail + extra).
@@ -364,12 +358,12 @@ class LlamaCppRuntime(Runtime):
         return self._with_prompt(image, chat, work)
 
     def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
+        from scipy.special import log_softmax
+
         def work(prompt: _Prompt) -> np.ndarray:
             first = len(prompt.tail) - 1
             logits, _ = self._run_prompt(prompt, list(ids), list(range(first, first + len(ids))))
-            logits = logits.astype(np.float64)
-            logits -= logits.max(axis=-1, keepdims=True)
-            return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
+            return log_softmax(logits.astype(np.float64), axis=-1).astype(np.float32)
         return self._with_prompt(image, chat, work)
 
     def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
