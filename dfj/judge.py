@@ -22,6 +22,7 @@ from dfj.runtime import Runtime
 from dfj.verdicts import PairwiseVerdict, PointwiseVerdict, failure
 
 Progress = Callable[[int, int], None]
+ANSWER_BRANCHES = ("<answer>A</answer>", "<answer>B</answer>")
 
 
 @dataclass
@@ -83,13 +84,15 @@ class Judge:
         pil, chat = self._prepare(image, label, (response_a, response_b))
         if not fast:
             return parse_pairwise(self.runtime.generate(pil, chat, self.new_token_limit))
-        p_a = self._branch_probabilities(pil, chat, "", ["<answer>A</answer>", "<answer>B</answer>"],
-                                         self._prefix_chars(chat, label))
-        if p_a is None:
+        forced, at, tokens = self._answer_plan()
+        rows = self.runtime.logprobs_ids_cached(pil, chat, forced, self._prefix_chars(chat, label))
+        return _pairwise_verdict(rows[at], tokens)
+
+    def _answer_plan(self) -> tuple[list[int], int, list[int]]:
+        plan = self._branch_plan("", list(ANSWER_BRANCHES))
+        if plan is None:
             raise RuntimeError("this tokenizer does not split <answer>A / <answer>B at one token; use fast=False")
-        share = p_a[0] / (p_a[0] + p_a[1])
-        choice = "A" if share >= 0.5 else "B"
-        return PairwiseVerdict(choice=choice, text=f"<answer>{choice}</answer>", p_a=float(share))
+        return plan
 
     def _expected_score(self, pil, chat: str, text: str, label: str | None) -> float | None:
         head = text[: text.index("<score>") + len("<score>")]
@@ -102,7 +105,20 @@ class Judge:
 
     def _branch_probabilities(self, pil, chat: str, head: str, branches: list[str],
                               prefix_chars: int | None = None) -> list[float] | None:
-        """P of each branch's first own token after `head`, from one teacher-forced pass.
+        """P of each branch's first own token after `head`, from one teacher-forced pass; None when
+        the branches do not part at one token."""
+        plan = self._branch_plan(head, branches)
+        if plan is None:
+            return None
+        forced, at, tokens = plan
+        if prefix_chars is None:
+            rows = self.runtime.logprobs_ids(pil, chat, forced)
+        else:
+            rows = self.runtime.logprobs_ids_cached(pil, chat, forced, prefix_chars)
+        return [float(np.exp(rows[at][token])) for token in tokens]
+
+    def _branch_plan(self, head: str, branches: list[str]) -> tuple[list[int], int, list[int]] | None:
+        """(ids to force, index of the row where the branches part, each branch's token there).
 
         The branches are tokenized with the head (BPE can merge across the join); their shared token
         prefix is forced and the next token must differ between branches, else None."""
@@ -112,13 +128,7 @@ class Judge:
             shared += 1
         if any(len(ids) <= shared for ids in tokenized) or len({ids[shared] for ids in tokenized}) != len(branches):
             return None
-        forced = tokenized[0][: shared + 1]
-        if prefix_chars is None:
-            rows = self.runtime.logprobs_ids(pil, chat, forced)
-        else:
-            rows = self.runtime.logprobs_ids_cached(pil, chat, forced, prefix_chars)
-        row = rows[shared]
-        return [float(np.exp(row[ids[shared]])) for ids in tokenized]
+        return tokenized[0][: shared + 1], shared, [ids[shared] for ids in tokenized]
 
     def logprobs(self, image: ImageInput, label: str, *responses: str, continuation: str) -> np.ndarray:
         """Teacher-forced log-probabilities (continuation tokens x vocabulary) of `continuation` after
@@ -149,8 +159,8 @@ class Judge:
 
     def _many(self, records: Iterable[Any], progress: Progress | None) -> list[PointwiseVerdict | PairwiseVerdict]:
         items = list(records)
-        if self.fast and self.mode == "pointwise":
-            return self._score_batched(items, progress)
+        if self.fast:
+            return self._batched(items, progress)
         verdicts = []
         for index, record in enumerate(items):
             try:
@@ -161,20 +171,33 @@ class Judge:
                 progress(index + 1, len(items))
         return verdicts
 
-    def _score_batched(self, items: list[Any], progress: Progress | None, size: int = 8) -> list[PointwiseVerdict]:
-        """Consecutive records on the same image and label decode together (the DFJ layout: 5 per
-        image); a record that fails to prepare or to run gets its own error, the others are unaffected.
-        Groups run as soon as they are complete, so only one group's images are held at a time."""
-        verdicts: list[PointwiseVerdict | None] = [None] * len(items)
+    def _batched(self, items: list[Any], progress: Progress | None, size: int = 10) -> list[PointwiseVerdict | PairwiseVerdict]:
+        """Consecutive records on the same image and label run together as one padded batch (the DFJ
+        layout: 5 responses or 10 pairs per image); a record that fails to prepare or to run gets its
+        own error, the others are unaffected. Groups run as soon as they are complete, so only one
+        group's images are held at a time."""
+        verdicts: list[PointwiseVerdict | PairwiseVerdict | None] = [None] * len(items)
         group: list[tuple[int, Any, str, int]] = []
         group_key = None
 
         def run_group() -> None:
-            outputs = self.runtime.generate_ids_batch([(pil, chat, prefix) for _, pil, chat, prefix in group],
-                                                      self.new_token_limit, stop="</score>")
-            for (index, *_), ids in zip(group, outputs):
-                verdicts[index] = (self._failed(index, items[index], _error_text(ids)) if isinstance(ids, Exception)
-                                   else parse_pointwise(self.runtime.decode(ids)))
+            try:
+                if self.mode == "pointwise":
+                    outputs = self.runtime.generate_ids_batch([(pil, chat, prefix) for _, pil, chat, prefix in group],
+                                                              self.new_token_limit, stop="</score>")
+                else:
+                    forced, at, tokens = self._answer_plan()
+                    outputs = self.runtime.logprobs_ids_batch([(pil, chat, forced, prefix) for _, pil, chat, prefix in group])
+            except Exception as exc:  # the group could not run at all: every record in it says why
+                outputs = [exc] * len(group)
+            for (index, *_), output in zip(group, outputs):
+                try:
+                    if isinstance(output, Exception):
+                        raise output
+                    verdicts[index] = (parse_pointwise(self.runtime.decode(output)) if self.mode == "pointwise"
+                                       else _pairwise_verdict(output[at], tokens))
+                except Exception as exc:  # one record's failure must not lose the others
+                    verdicts[index] = self._failed(index, items[index], _error_text(exc))
             group.clear()
 
         for index, record in enumerate(items):
@@ -242,6 +265,14 @@ class Judge:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "mode": self.mode, **self.runtime.describe(), **self.info}
+
+
+def _pairwise_verdict(row: np.ndarray, tokens: list[int]) -> PairwiseVerdict:
+    """The one-forward verdict from the log-probabilities at the answer letter: P(A) renormalised over A and B."""
+    p_a, p_b = float(np.exp(row[tokens[0]])), float(np.exp(row[tokens[1]]))
+    share = p_a / (p_a + p_b)
+    choice = "A" if share >= 0.5 else "B"
+    return PairwiseVerdict(choice=choice, text=f"<answer>{choice}</answer>", p_a=share)
 
 
 def _error_text(exc: BaseException) -> str:

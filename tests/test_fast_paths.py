@@ -75,8 +75,6 @@ def test_cached_and_uncached_paths_agree_on_mixed_batches(trained, mode):
     different lengths: identical verdicts, logits within 1e-4."""
     import random
 
-    from dfj import prompts
-
     judge, records = trained[mode]
     mixed = records[:30]
     random.Random(0).shuffle(mixed)
@@ -105,3 +103,31 @@ def test_batched_decoding_of_records_sharing_an_image_gives_the_same_verdicts(tr
     plain = [judge.score(r.image, r.label, r.response, fast=False) for r in batch]
     assert [v.text for v in batched] == [v.text for v in plain]
     assert judge.runtime.cached.seconds["decode"] > before
+
+
+@pytest.mark.slow
+def test_batched_pairwise_of_records_sharing_an_image_gives_the_same_p_a(trained, monkeypatch):
+    """compare_many runs the pairs of one image as one padded batch: same choices as greedy, p_a as
+    one record at a time (≤ 1e-4); a bad record inside a group gets its own error."""
+    from dfj.runtime.torch_cache import CachedForward
+
+    judge, records = trained["pairwise"]
+    batch = list(records[:20])
+    assert len({r.image for r in batch}) < len(batch)  # several pairs per image: groups form
+    bad = dict(image=batch[3].image, label=batch[3].label, response_a="   ", response_b="fine")
+    batched_rows = []
+    original = CachedForward._padded_suffixes
+
+    def spy(self, group):
+        batched_rows.append(len(group))
+        return original(self, group)
+
+    monkeypatch.setattr(CachedForward, "_padded_suffixes", spy)
+    batched = judge.compare_many(batch[:3] + [bad] + batch[3:])
+    assert batched_rows and max(batched_rows) > 1
+    assert not batched[3].ok and "record 3" in batched[3].error and "response_a is empty" in batched[3].error
+    batched = batched[:3] + batched[4:]
+    single = [judge.compare(r.image, r.label, r.response_a, r.response_b) for r in batch]
+    greedy = [judge.compare(r.image, r.label, r.response_a, r.response_b, fast=False) for r in batch]
+    assert [v.choice for v in batched] == [v.choice for v in single] == [v.choice for v in greedy]
+    assert max(abs(a.p_a - b.p_a) for a, b in zip(batched, single)) <= 1e-4

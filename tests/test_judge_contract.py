@@ -112,3 +112,25 @@ def test_images_beyond_the_processor_limits_are_refused():
     judge = Judge(ScriptedRuntime(["<score>2</score>"]), "pointwise")
     with pytest.raises(ValueError, match="aspect ratio"):
         judge.score(Image.new("RGB", (1000, 2)), "fake", "x")
+
+
+def test_a_pairwise_group_that_cannot_run_fails_each_record_and_loses_none():
+    """compare_many runs the pairs of one image as one group; if the runtime fails the whole group,
+    every record in it comes back with the error, in order, and the next group still runs."""
+
+    class GroupFailure(ScriptedRuntime):
+        def logprobs_ids_batch(self, items):
+            self.calls.append(len(items))
+            if len(self.calls) == 1:
+                raise RuntimeError("out of memory")
+            return [np.zeros((len(ids), 128), dtype=np.float32) for _, _, ids, _ in items]
+
+    other = Image.new("RGB", (40, 40), (200, 9, 9))
+    records = [dict(image=IMG, label="fake", response_a=f"a{i}", response_b="b") for i in range(3)]
+    records += [dict(image=other, label="fake", response_a="a", response_b="b")]
+    runtime = GroupFailure([])
+    verdicts = Judge(runtime, "pairwise").compare_many(records)
+    assert runtime.calls == [3, 1] and len(verdicts) == 4
+    assert all(not v.ok and "RuntimeError: out of memory" in v.error for v in verdicts[:3])
+    assert [v.error.split(":")[0] for v in verdicts[:3]] == ["record 0", "record 1", "record 2"]
+    assert verdicts[3].ok and verdicts[3].p_a == 0.5

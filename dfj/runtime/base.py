@@ -64,6 +64,17 @@ class Runtime(ABC):
     def logprobs_ids_cached(self, image: Image.Image, chat: str, ids: list[int], prefix_chars: int | None) -> np.ndarray:
         return self.logprobs_ids(image, chat, ids)
 
+    def logprobs_ids_batch(self, items: list[tuple[Image.Image, str, list[int], int | None]]) -> list[np.ndarray | Exception]:
+        """`logprobs_ids_cached` for several (image, chat, ids, prefix_chars) items (a runtime may run
+        those sharing a prefix as one padded batch); a failing item gets its exception in its place."""
+        outputs: list[np.ndarray | Exception] = []
+        for image, chat, ids, prefix in items:
+            try:
+                outputs.append(self.logprobs_ids_cached(image, chat, ids, prefix))
+            except Exception as exc:  # one prompt's failure must not lose the others
+                outputs.append(exc)
+        return outputs
+
     def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
         return self.decode(self.generate_ids(image, chat, max_new_tokens))
 

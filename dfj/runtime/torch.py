@@ -121,5 +121,12 @@ class TorchRuntime(Runtime):
         logits = self.cached.teacher_forced(image, chat, prefix_chars, list(ids))
         return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
+    def logprobs_ids_batch(self, items) -> list:
+        try:
+            rows = self.cached.teacher_forced_many(items)
+        except Exception:  # e.g. out of memory for the batch: one prompt at a time, failures in place
+            return super().logprobs_ids_batch(items)
+        return [torch.log_softmax(logits, dim=-1).cpu().numpy() for logits in rows]
+
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype)}

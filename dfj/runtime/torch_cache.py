@@ -163,6 +163,14 @@ class CachedForward:
         self.seconds["decode"] += time.perf_counter() - started
         return generated
 
+    def _groups(self, prompts: list[_Prompt]) -> list[list[int]]:
+        """Indices of prompts that share a cached prefix (same image and label), in first-seen order;
+        a prompt without a usable prefix is a group of its own."""
+        groups: OrderedDict[str, list[int]] = OrderedDict()
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(prompt.key if prompt.prefix else f"alone:{index}", []).append(index)
+        return list(groups.values())
+
     @torch.inference_mode()
     def generate_many(self, items: list[tuple[Any, str, int | None]], max_new_tokens: int, eos_ids: list[int],
                       stop: str | None = None) -> list[list[int]]:
@@ -171,25 +179,40 @@ class CachedForward:
         where reading the weights dominates."""
         prompts = [self._prompt(image, chat, prefix, []) for image, chat, prefix in items]
         outputs: list[list[int] | None] = [None] * len(items)
-        groups: OrderedDict[str, list[int]] = OrderedDict()
-        for index, prompt in enumerate(prompts):
-            groups.setdefault(prompt.key if prompt.prefix else f"alone:{index}", []).append(index)
-        for indices in groups.values():
-            if len(indices) == 1 or not prompts[indices[0]].prefix:
-                for index in indices:
-                    image, chat, prefix = items[index]
-                    outputs[index] = self.generate(image, chat, prefix, max_new_tokens, eos_ids, stop)
+        for indices in self._groups(prompts):
+            if len(indices) == 1:
+                image, chat, prefix = items[indices[0]]
+                outputs[indices[0]] = self.generate(image, chat, prefix, max_new_tokens, eos_ids, stop)
                 continue
             for index, ids in zip(indices, self._generate_group([prompts[i] for i in indices], max_new_tokens, eos_ids, stop)):
                 outputs[index] = ids
         return outputs  # type: ignore[return-value]
 
-    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, eos_ids: list[int], stop: str | None):
+    @torch.inference_mode()
+    def teacher_forced_many(self, items: list[tuple[Any, str, list[int], int | None]]) -> list[torch.Tensor]:
+        """`teacher_forced` for several prompts; those sharing a cached prefix run as one padded batch
+        (the pairs of one image: 10 in DFJ's pairwise test set)."""
+        prompts = [self._prompt(image, chat, prefix, list(ids)) for image, chat, ids, prefix in items]
+        outputs: list[torch.Tensor | None] = [None] * len(items)
+        for indices in self._groups(prompts):
+            if len(indices) == 1:
+                image, chat, ids, prefix = items[indices[0]]
+                outputs[indices[0]] = self.teacher_forced(image, chat, prefix, list(ids))
+                continue
+            hidden, _, _, lengths = self._padded_suffixes([prompts[i] for i in indices])
+            for row, (index, length) in enumerate(zip(indices, lengths)):
+                n = len(items[index][2])
+                outputs[index] = self._head(hidden[row, length - 1 - n:length - 1])
+        return outputs  # type: ignore[return-value]
+
+    def _padded_suffixes(self, group: list[_Prompt]):
+        """Run the suffixes after the shared prefix of `group` as one right-padded batch on copies of
+        the prefix's KV state. Returns (hidden states, cache, attention mask, suffix lengths)."""
         import copy
 
         prefix = group[0].prefix
-        shared = self._state(group[0])
-        cache = copy.deepcopy(shared)
+        cache = copy.deepcopy(self._state(group[0]))
+        started = time.perf_counter()
         rows = len(group)
         cache.batch_repeat_interleave(rows)
         lengths = [p.embeds.shape[1] - prefix for p in group]
@@ -205,11 +228,16 @@ class CachedForward:
             embeds[row, :length] = prompt.embeds[0, prefix:]
             positions[:, row, :length] = prompt.positions[:, 0, prefix:]
             mask[row, prefix:prefix + length] = 1
-        started = time.perf_counter()
         out = self.text(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
-        last = torch.tensor([length - 1 for length in lengths], device=device)
-        logits = self._head(out.last_hidden_state[torch.arange(rows, device=device), last])
         self.seconds["prefill"] += time.perf_counter() - started
+        return out.last_hidden_state, cache, mask, lengths
+
+    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, eos_ids: list[int], stop: str | None):
+        rows = len(group)
+        device = group[0].embeds.device
+        hidden, cache, mask, lengths = self._padded_suffixes(group)
+        last = torch.tensor([length - 1 for length in lengths], device=device)
+        logits = self._head(hidden[torch.arange(rows, device=device), last])
         started = time.perf_counter()
         next_position = [int(p.positions.max()) + 1 for p in group]
         generated: list[list[int]] = [[] for _ in group]
