@@ -8,7 +8,8 @@ model size (`dfj.images.fit_to_grid`), and the mtmd token limits are the judge's
 mtmd copies it without resampling.
 
 One KV sequence is kept between calls: a prompt that starts with the tokens already evaluated for
-the same image (the records of one image and label) only runs what follows them.
+the same image (the records of one image and label) only runs what follows them. Image embeddings
+are cached by image content, so records that come back to an earlier image skip the vision encoder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import time
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ PATCH_AREA = 28 * 28  # pixels per image token (patch 14, merge 2)
 DEFAULT_CONTEXT = 8192
 BATCH = 512
 GGML_TYPE_F32 = 0
+VISION_ENTRIES = 16
 
 _LOG_SINK = None
 
@@ -141,6 +145,10 @@ class LlamaCppRuntime(Runtime):
         self.stop_ids = {self.tokenize(t)[0] for t in STOP_TOKENS}
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
         self._state: _KvState | None = None
+        self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> mmproj output
+        # Seconds per stage (for dfj.bench.speed): image encoding, prompt prefill, decoding.
+        self.seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
+        self.stats = {"vision_hits": 0, "vision_misses": 0, "prefix_hits": 0, "prefix_misses": 0}
 
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "LlamaCppRuntime":
@@ -252,13 +260,27 @@ class LlamaCppRuntime(Runtime):
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """(image tokens, hidden) embeddings of the mmproj for `image` (after the shared resize)."""
-        def work(prompt: _Prompt) -> np.ndarray:
-            if self.mtmd.mtmd_encode_chunk(self.vision, prompt.image_chunk) != 0:
-                raise RuntimeError("mtmd could not encode the image")
-            width = self.llama_cpp.llama_model_n_embd_inp(self.model)
-            pointer = self.mtmd.mtmd_get_output_embd(self.vision)
-            return np.ctypeslib.as_array(pointer, shape=(prompt.image_tokens, width)).copy()
-        return self._with_prompt(image, IMAGE_BLOCK, work)
+        return self._with_prompt(image, IMAGE_BLOCK, lambda prompt: self._encode(prompt).copy())
+
+    def _encode(self, prompt: _Prompt) -> np.ndarray:
+        """The mmproj output for the prompt's image, from the cache when this image was seen."""
+        cached = self._embeddings.get(prompt.image_key)
+        if cached is not None:
+            self._embeddings.move_to_end(prompt.image_key)
+            self.stats["vision_hits"] += 1
+            return cached
+        self.stats["vision_misses"] += 1
+        started = time.perf_counter()
+        if self.mtmd.mtmd_encode_chunk(self.vision, prompt.image_chunk) != 0:
+            raise RuntimeError("mtmd could not encode the image")
+        width = self.llama_cpp.llama_model_n_embd_inp(self.model)
+        pointer = self.mtmd.mtmd_get_output_embd(self.vision)
+        embeddings = np.ctypeslib.as_array(pointer, shape=(prompt.image_tokens, width)).copy()
+        self.seconds["vision"] += time.perf_counter() - started
+        self._embeddings[prompt.image_key] = embeddings
+        while len(self._embeddings) > VISION_ENTRIES:
+            self._embeddings.popitem(last=False)
+        return embeddings
 
     def _run_prompt(self, prompt: _Prompt, extra: list[int], outputs: list[int]) -> tuple[np.ndarray, int]:
         """Evaluate head, image, tail + `extra`; logits at `outputs` (indices into tail + extra).
@@ -272,23 +294,34 @@ class LlamaCppRuntime(Runtime):
             base = state.image_end
             reuse = min(_common_prefix(state.tokens, tokens), min(outputs, default=len(tokens) - 1), len(tokens) - 1)
             self.llama_cpp.llama_memory_seq_rm(self.memory, 0, base + reuse, -1)
+            self.stats["prefix_hits"] += 1
         else:
+            embeddings = self._encode(prompt)
+            self.stats["prefix_misses"] += 1
+            started = time.perf_counter()
             self.llama_cpp.llama_memory_clear(self.memory, True)
             self._decode(prompt.head, 0, [])
             end = self.llama_cpp.llama_pos(0)
-            status = self.mtmd.mtmd_helper_eval_chunk_single(self.vision, self.ctx, prompt.image_chunk, len(prompt.head),
-                                                             0, BATCH, False, ctypes.byref(end))
+            no_callback = self.mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
+            status = self.mtmd.mtmd_helper_decode_image_chunk(
+                self.vision, self.ctx, prompt.image_chunk, embeddings.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                len(prompt.head), 0, BATCH, ctypes.byref(end), no_callback, None)
             if status != 0:
                 raise RuntimeError(f"llama.cpp could not evaluate the image (status {status})")
             base, reuse = end.value, 0
+            self.seconds["prefill"] += time.perf_counter() - started
+        started = time.perf_counter()
         logits = self._decode(tokens[reuse:], base + reuse, [i - reuse for i in outputs])
+        self.seconds["prefill"] += time.perf_counter() - started
         self._state = _KvState(prompt.image_key, prompt.head, base, list(tokens))
         return logits, base + len(tokens)
 
     def _step(self, token: int, position: int) -> np.ndarray:
         """Decode one generated token after `_run_prompt`, keeping the KV state's token list true."""
         state, self._state = self._state, None
+        started = time.perf_counter()
         logits = self._decode([token], position, [0])
+        self.seconds["decode"] += time.perf_counter() - started
         if state is not None:
             state.tokens.append(token)
             self._state = state
