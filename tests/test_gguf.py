@@ -152,7 +152,8 @@ def test_lossless_and_f16_match_the_reference_on_every_record(gguf, judges, reco
 
 
 def test_kv_reuse_across_records_gives_the_logits_of_a_fresh_runtime(gguf, records):
-    """The runtime keeps one KV sequence: records on one image reuse what they share."""
+    """The runtime keeps one KV sequence: records on one image reuse what they share; an image seen
+    before is not encoded again."""
     from dfj import prompts
     from dfj.images import load_image
     from dfj.runtime.llamacpp import LlamaCppRuntime
@@ -174,6 +175,9 @@ def test_kv_reuse_across_records_gives_the_logits_of_a_fresh_runtime(gguf, recor
         assert np.array_equal(reused, fresh.logprobs_ids(image, chat, ids))
         assert generated == fresh.generate_ids(image, chat, 12)
         fresh.close()
+    # The return to the first image after another one takes its embeddings from the vision cache.
+    assert warm.stats["vision_misses"] == 2 and warm.stats["vision_hits"] == 1
+    assert warm.stats["prefix_hits"] >= 2 * len(group) - 1
     warm.close()
 
 
@@ -204,6 +208,31 @@ def test_artifact_manifest_metadata_and_runtime(gguf, judges):
     assert judge.runtime.name == "llamacpp"
     with pytest.raises(ValueError, match="precision it was exported with"):
         dfj.load_judge(str(folder), dtype="bfloat16")
+
+
+def test_export_gate_refuses_a_mis_mapped_tensor(gguf, monkeypatch, tmp_path):
+    """A classic conversion bug — one layer's gate and up projections swapped — fails the f32 probe
+    gate (so the gate can fail), and nothing is left at the output path; the real export passes it."""
+    from dfj.export import gguf as gguf_export
+    from dfj.testing import trained_tiny_judge
+
+    passed = read_manifest(gguf["pointwise", "f32"]).parity
+    assert passed["cosine"] >= gguf_export.F32_MIN_COSINE and passed["max_abs_diff"] <= gguf_export.F32_MAX_ABS
+    plan = gguf_export.plan_tensors
+
+    def swapped(shapes, config):
+        from dataclasses import replace
+
+        text, vision = plan(shapes, config)
+        keys = {t.name: t.key for t in text}
+        other = {"blk.0.ffn_gate.weight": keys["blk.0.ffn_up.weight"], "blk.0.ffn_up.weight": keys["blk.0.ffn_gate.weight"]}
+        return [replace(t, key=other[t.name]) if t.name in other else t for t in text], vision
+
+    monkeypatch.setattr(gguf_export, "plan_tensors", swapped)
+    out = tmp_path / "bad"
+    with pytest.raises(RuntimeError, match="does not match transformers"):
+        export(trained_tiny_judge("pointwise"), out, "gguf-f32")
+    assert not out.exists()
 
 
 def test_cli_batch_judges_a_gguf_artifact_as_the_merged_model(gguf, tmp_path):

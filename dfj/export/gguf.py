@@ -32,9 +32,12 @@ MMPROJ_FILE = "mmproj.gguf"
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
 # llama_ftype of each text quantization (llama.h); f32/f16 are written directly, the rest by llama.cpp.
 LLAMA_FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
-# Probe logits of the f32 GGUF vs transformers fp32 (max |Δ logit|; 2.5e-3 measured on the tiny judge:
-# ggml's own exp/rope arithmetic). The lossless path must match.
-F32_TOLERANCE = 1e-2
+# Probe logits of the f32 GGUF vs transformers fp32. llama.cpp's f32 arithmetic is not torch's:
+# measured max |Δ logit| 6.4e-3 on the tiny judge and 1.8e-2 on a 3B-width judge with 4 layers
+# (4e-3 already for a one-token prompt; torch f32 vs f64 there: 7e-6), cosine ≥ 0.99999. The gate
+# is on the direction (a wrong or mis-split tensor drops it far below) with a loose bound on size.
+F32_MIN_COSINE = 0.9999
+F32_MAX_ABS = 0.1
 # llama.cpp reads clip.vision.image_size only to size its warm-up image; Qwen2.5-VL has no fixed size.
 WARMUP_IMAGE_SIZE = 560
 
@@ -360,9 +363,10 @@ def export_gguf(
         with staged_folder(out, overwrite=overwrite) as work:
             info = write_gguf(merged, work, quant=quant, limits=limits, name=resolved.name, mmproj_dtype=mmproj_dtype)
             parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"])
-            tolerance = F32_TOLERANCE if quant == "f32" and info["mmproj_dtype"] == "f32" else None
-            parity.update(reference="transformers fp32 (merged)", tolerance=tolerance)
-            if tolerance is not None and parity["max_abs_diff"] > tolerance:
+            exact = quant == "f32" and info["mmproj_dtype"] == "f32"
+            parity.update(reference="transformers fp32 (merged)", tolerance=F32_MAX_ABS if exact else None,
+                          min_cosine=F32_MIN_COSINE if exact else None)
+            if exact and (parity["max_abs_diff"] > F32_MAX_ABS or parity["cosine"] < F32_MIN_COSINE):
                 raise RuntimeError(f"the f32 GGUF does not match transformers: {parity}")
             write_manifest(
                 work,
