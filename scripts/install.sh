@@ -7,8 +7,12 @@ PY=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
+# llama.cpp CPU build: "portable" (default: AVX2/FMA/F16C, any x86-64 CPU of the last decade) or
+# "native" (every instruction set of this CPU, e.g. AVX-512: faster prompt prefill, see README
+# "Speed"; such a wheel may die with SIGILL on another CPU, so it is cached under this CPU's flags).
+LLAMA_CPU=${DFJ_LLAMA_CPU:-portable}
 stamp=.venv/.dfj-install-stamp
-want=$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
+want=$( (sha256sum pyproject.toml scripts/install.sh; echo "llama.cpp build: $LLAMA_CPU") | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import dfj, torch, transformers" 2>/dev/null; then
     echo "dfj: .venv is up to date"
     exit 0
@@ -19,12 +23,24 @@ fi
 # let pip take it from there on every later install.
 LLAMA_CPP_VERSION=0.3.36
 WHEELS=${DFJ_WHEEL_CACHE:-$HOME/.cache/dfj/wheels}
-mkdir -p "$WHEELS"
-if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; then
-    echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build, about 5 minutes on 2 cores, once)"
-    if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+case "$LLAMA_CPU" in
+    portable)
+        LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+        LLAMA_WHEELS=$WHEELS ;;
+    native)
+        LLAMA_CMAKE="-DGGML_NATIVE=ON"
+        cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2> /dev/null || uname -m) | sha256sum | cut -c1-12)
+        LLAMA_WHEELS=$WHEELS/native-$cpu ;;
+    *)
+        echo "dfj: DFJ_LLAMA_CPU must be portable or native, not '$LLAMA_CPU'" >&2
+        exit 1 ;;
+esac
+mkdir -p "$LLAMA_WHEELS"
+if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; then
+    echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_CPU CPU build, about 5 minutes on 2 cores, once)"
+    if ! CMAKE_ARGS="$LLAMA_CMAKE" \
         .venv/bin/python -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" > .venv/llama-build.log 2>&1; then
+        "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$LLAMA_WHEELS" > .venv/llama-build.log 2>&1; then
         tail -40 .venv/llama-build.log
         echo "dfj: llama-cpp-python build failed (full log: .venv/llama-build.log)" >&2
         exit 1
@@ -32,7 +48,10 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; 
 fi
 # torch 2.14.1 + torchvision 0.29.1: transformers 5 needs a working torchvision for the Qwen2.5-VL
 # processor, and this pair is the one that installs together here (see README, "Versions").
-if ! .venv/bin/python -m pip install --disable-pip-version-check --find-links "$WHEELS" -e '.[all]' > .venv/install.log 2>&1; then
+# The second pip call puts this build in place when the venv held the other one (same version).
+if ! { .venv/bin/python -m pip install --disable-pip-version-check --find-links "$LLAMA_WHEELS" -e '.[all]' &&
+       .venv/bin/python -m pip install --disable-pip-version-check --no-deps --force-reinstall --no-index \
+           --find-links "$LLAMA_WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION"; } > .venv/install.log 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" .venv/install.log | tail -40
     echo "dfj: install failed (full log: .venv/install.log)" >&2
     exit 1
