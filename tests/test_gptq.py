@@ -1,5 +1,6 @@
 """GPTQ 4-bit export with DFJ calibration, on the trained tiny judges; CPU loading with the torch kernel."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -25,12 +26,20 @@ def gptq(module_dir):
     from dfj.testing import trained_tiny_judge, trained_tiny_split
 
     root = module_dir("gptq")
-    built = {}
-    for mode in ("pointwise", "pairwise"):
-        built[mode] = export(trained_tiny_judge(mode), root / mode, "gptq-4bit",
-                             calibration=trained_tiny_split(mode, "train"), samples=SAMPLES)
+    built = {"cwd": root / "cwd"}
+    built["cwd"].mkdir()
+    with contextlib.chdir(built["cwd"]):  # GPTQModel writes ./logs unless dfj keeps it in its scratch
+        for mode in ("pointwise", "pairwise"):
+            built[mode] = export(trained_tiny_judge(mode), root / mode, "gptq-4bit",
+                                 calibration=trained_tiny_split(mode, "train"), samples=SAMPLES)
     built["merged"] = export(trained_tiny_judge("pointwise"), root / "merged", "none", dtype="float32")
     return built
+
+
+def test_the_export_leaves_no_library_logs_behind(gptq):
+    assert list(gptq["cwd"].iterdir()) == []
+    for mode in ("pointwise", "pairwise"):
+        assert not [p.name for p in gptq[mode].rglob("*") if p.suffix in (".log", ".csv")]
 
 
 def test_without_calibration_the_error_says_what_to_pass(tmp_path):

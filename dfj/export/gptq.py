@@ -112,6 +112,20 @@ def _library_output_to(log: Path):
             raise RuntimeError(f"GPTQ quantization failed: {exc}\n--- GPTQModel output (last lines) ---\n{tail}") from exc
 
 
+@contextlib.contextmanager
+def _library_logs_in(folder: Path):
+    """GPTQModel writes per-layer logs to ./logs of whatever the working directory is (a user's
+    project, a CI checkout); point that folder into the export's scratch space while it runs."""
+    from gptqmodel.looper import loop_processor
+
+    before = loop_processor._PROJECT_LOG_DIR
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = before
+
+
 def _quantize(merged: Path, work: Path, conversations: list, bits: int, group_size: int) -> None:
     from dfj.hf import prepare_gptqmodel
 
@@ -122,7 +136,8 @@ def _quantize(merged: Path, work: Path, conversations: list, bits: int, group_si
     config = QuantizeConfig(bits=bits, group_size=group_size, sym=DEFAULTS["sym"], desc_act=DEFAULTS["desc_act"],
                             pack_impl="original", offload_to_disk=False)
     model = GPTQModel.load(str(merged), config, device="cpu")
-    model.quantize(conversations, batch_size=1, backend=BACKEND.TORCH)
+    with _library_logs_in(merged.parent / "gptqmodel-logs"):
+        model.quantize(conversations, batch_size=1, backend=BACKEND.TORCH)
     model.save(str(work))
     del model
     gc.collect()
