@@ -127,20 +127,25 @@ class CachedForward:
     @torch.inference_mode()
     def teacher_forced(self, image, chat: str, prefix_chars: int | None, ids: list[int]) -> torch.Tensor:
         """Logits predicting each of `ids` after the prompt (n, vocab); the shared prefix is not re-run."""
-        prompt = self._prompt(image, chat, prefix_chars, list(ids))
-        prompt_length = prompt.ids.shape[1] - len(ids)
+        return self._teacher_forced(self._prompt(image, chat, prefix_chars, list(ids)), len(ids))
+
+    def _teacher_forced(self, prompt: _Prompt, n: int) -> torch.Tensor:
+        """Logits predicting the last `n` ids of `prompt` (they were appended as forced ids)."""
+        prompt_length = prompt.ids.shape[1] - n
         cache = self._state(prompt)
         start = prompt.prefix
         started = time.perf_counter()
         hidden = self._run(prompt.embeds[:, start:], prompt.positions[:, :, start:], cache)
         self.seconds["prefill"] += time.perf_counter() - started
-        index = torch.arange(prompt_length - 1 - start, prompt_length - 1 - start + len(ids), device=hidden.device)
+        index = torch.arange(prompt_length - 1 - start, prompt_length - 1 - start + n, device=hidden.device)
         return self._head(hidden[0, index])
 
     @torch.inference_mode()
     def generate(self, image, chat: str, prefix_chars: int | None, max_new_tokens: int, eos_ids: list[int],
                  stop: str | None = None) -> list[int]:
-        prompt = self._prompt(image, chat, prefix_chars, [])
+        return self._generate(self._prompt(image, chat, prefix_chars, []), max_new_tokens, eos_ids, stop)
+
+    def _generate(self, prompt: _Prompt, max_new_tokens: int, eos_ids: list[int], stop: str | None) -> list[int]:
         cache = self._state(prompt)
         started = time.perf_counter()
         hidden = self._run(prompt.embeds[:, prompt.prefix:], prompt.positions[:, :, prompt.prefix:], cache)
@@ -181,8 +186,7 @@ class CachedForward:
         outputs: list[list[int] | None] = [None] * len(items)
         for indices in self._groups(prompts):
             if len(indices) == 1:
-                image, chat, prefix = items[indices[0]]
-                outputs[indices[0]] = self.generate(image, chat, prefix, max_new_tokens, eos_ids, stop)
+                outputs[indices[0]] = self._generate(prompts[indices[0]], max_new_tokens, eos_ids, stop)
                 continue
             for index, ids in zip(indices, self._generate_group([prompts[i] for i in indices], max_new_tokens, eos_ids, stop)):
                 outputs[index] = ids
@@ -196,8 +200,7 @@ class CachedForward:
         outputs: list[torch.Tensor | None] = [None] * len(items)
         for indices in self._groups(prompts):
             if len(indices) == 1:
-                image, chat, ids, prefix = items[indices[0]]
-                outputs[indices[0]] = self.teacher_forced(image, chat, prefix, list(ids))
+                outputs[indices[0]] = self._teacher_forced(prompts[indices[0]], len(items[indices[0]][2]))
                 continue
             hidden, _, _, lengths = self._padded_suffixes([prompts[i] for i in indices])
             for row, (index, length) in enumerate(zip(indices, lengths)):
