@@ -88,14 +88,8 @@ def _other(rng: random.Random, options, value):
 
 def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
     """A detector response of quality `level` (1-5) for `scene`, in DFJ's tag format."""
-    return cited_response(rng, scene, level)[0]
-
-
-def cited_response(rng: random.Random, scene: Scene, level: int) -> tuple[str, str | None]:
-    """`detector_response`, and the artifact type the response cites (None when it cites none)."""
     where = rng.choice(_SCENES)
     if scene.artifact is None:  # real image
-        cited = None
         if level == 5:
             why = f"Lighting, shading and textures in {where} are consistent; no artifact is visible in any region."
         elif level == 4:
@@ -105,16 +99,15 @@ def cited_response(rng: random.Random, scene: Scene, level: int) -> tuple[str, s
         elif level == 2:
             why = f"{where.capitalize()} might be generated; something feels slightly off, but I am not sure."
         else:
-            cited = rng.choice(ARTIFACTS)
-            why = f"There is {rng.choice(_ARTIFACT_WORDS[cited])} in the {rng.choice(REGIONS)} of {where}, a clear sign of generation."
+            art = rng.choice(ARTIFACTS)
+            why = f"There is {rng.choice(_ARTIFACT_WORDS[art])} in the {rng.choice(REGIONS)} of {where}, a clear sign of generation."
         answer = "real" if level >= 3 else "fake"
-        return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>", cited
+        return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
     art, region = scene.artifact, scene.region
     # Levels 5 and 3 share their wording, as do 2 and 1: only whether the cited artifact type matches
     # the image differs. Level 4 is level 5 said with hedges (a small slip, visible in the text).
     phrase = rng.choice(_ARTIFACT_WORDS[art])
-    wrong = _other(rng, ARTIFACTS, art)
-    wrong_phrase = rng.choice(_ARTIFACT_WORDS[wrong])
+    wrong_phrase = rng.choice(_ARTIFACT_WORDS[_other(rng, ARTIFACTS, art)])
     opener = rng.choice(["There is", "I notice", "I see"])
     if level == 5:
         why = f"{opener} {phrase} in the {region} of {where}, which indicates manipulation."
@@ -127,7 +120,7 @@ def cited_response(rng: random.Random, scene: Scene, level: int) -> tuple[str, s
     else:
         why = f"Apart from {wrong_phrase} in the {region}, {where} looks consistent, so it is authentic."
     answer = "fake" if level >= 3 else "real"
-    return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>", (art if level in (5, 4, 2) else wrong)
+    return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
 
 
 # Short on purpose: the decision is in the first words, and every gold token costs training time.
@@ -140,30 +133,8 @@ _GOLD_REASONS = {
 }
 
 
-def gold_pointwise(level: int, seen: str | None, cited: str | None) -> str:
-    """The gold judgement: what the image shows, what the response cites, then the verdict.
-
-    Grounded first, as DFJ's judges reason from the image: writing the image's artifact type (which
-    the base can read) and the cited one before the score turns the judgement into comparing two
-    words just written, where a one-shot "does the cited artifact match the pixels" is not learned
-    at this scale (measured: chance on the records that need the image).
-    """
-    return (f"<reasoning>Image: {seen or 'clean'}. Cited: {cited or 'none'}. {_GOLD_REASONS[level]}</reasoning>\n"
-            f"<score>{level}</score>")
-
-
-# Pairs of levels whose order the text alone does not give on a manipulated image: 5 and 3 (and 2 and 1)
-# are worded alike, and a hedged 4 beats a 3 but loses to a 5.
-_IMAGE_DECIDED_PAIRS = ({5, 3}, {2, 1}, {5, 4}, {4, 3})
-
-
-def needs_image(scene: Scene, levels: tuple[int, ...]) -> bool:
-    """Whether the gold verdict on these response levels for `scene` depends on the pixels."""
-    if scene.artifact is None:
-        return False
-    if len(levels) == 1:
-        return levels[0] != 4
-    return set(levels) in _IMAGE_DECIDED_PAIRS
+def gold_pointwise(level: int) -> str:
+    return f"<reasoning>{_GOLD_REASONS[level]}</reasoning>\n<score>{level}</score>"
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -193,22 +164,18 @@ def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: i
                 break
             if mode == "pointwise":
                 level = rng.randint(1, 5)
-                response, cited = cited_response(rng, scene, level)
-                prompt = prompts.render_pointwise(scene.label, response)
-                gold = gold_pointwise(level, scene.artifact, cited)
-                levels = (level,)
+                prompt = prompts.render_pointwise(scene.label, detector_response(rng, scene, level))
+                gold = gold_pointwise(level)
             else:
                 la, lb = rng.sample(range(1, 6), 2)
                 prompt = prompts.render_pairwise(
                     scene.label, detector_response(rng, scene, la), detector_response(rng, scene, lb)
                 )
                 gold = f"<answer>{'A' if la > lb else 'B'}</answer>"
-                levels = (la, lb)
             lines.append(json.dumps({
                 "messages": [{"role": "user", "content": "<image>" + prompt}, {"role": "assistant", "content": gold}],
                 "images": [name],
-                "meta": {"artifact": scene.artifact, "region": scene.region, "levels": list(levels),
-                         "needs_image": needs_image(scene, levels)},
+                "meta": {"artifact": scene.artifact, "region": scene.region},
             }))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

@@ -1,8 +1,7 @@
 """Train small DFJ-like judges on CPU, mirroring the real recipe at small scale.
 
 1. Base: a small Qwen2.5-VL (real architecture, real tokenizer) trained from scratch, vision tower
-   included, to describe the synthetic images ("There is a texture artifact in the upper left.") and
-   to name the artifact a detector-style text cites (a general VLM can read as well as see).
+   included, to describe the synthetic images ("There is a texture artifact in the upper left.").
 2. Judges: a LoRA on the language model only (vision tower frozen, as ms-swift's --freeze_vit),
    trained on DFJ prompts and gold judge outputs, one adapter per mode.
 
@@ -22,7 +21,7 @@ from typing import Callable
 from dfj import prompts
 from dfj.data import read_split
 from dfj.images import load_image
-from dfj.synthetic import _ARTIFACT_WORDS, cited_response, random_scene, render_image
+from dfj.synthetic import _ARTIFACT_WORDS, random_scene, render_image
 
 Log = Callable[[str], None]
 
@@ -39,6 +38,7 @@ class TrainSettings:
     lora_rank: int = 16
     train_images: int = 400
     threads: int | None = None
+    blank_control_records: int = 100
 
     def __post_init__(self) -> None:
         self.judge_steps = self.judge_steps or {"pointwise": 450, "pairwise": 500}
@@ -52,8 +52,8 @@ def _batch(processor, chats: list[str], targets: list[str], images: list):
     rows = []
     for chat, target, image in zip(chats, targets, images):
         enc = processor(text=[chat + target], images=[image], return_tensors="pt")
-        # The prompt is everything before the target's tokens (the chat ends with a special token, so
-        # no merge crosses the boundary): one pass of the image processor, not two.
+        # The prompt is everything before the target's tokens (the chat ends with a special token and a
+        # newline, so no merge crosses the boundary): one pass of the image processor, not two.
         prompt_len = enc["input_ids"].shape[1] - len(processor.tokenizer(target)["input_ids"])
         rows.append((enc, prompt_len))
     width = max(enc["input_ids"].shape[1] for enc, _ in rows)
@@ -100,21 +100,12 @@ def _schedule(step: int, total: int, warmup: int = 20) -> float:
 
 
 DESCRIBE = "Describe any manipulation artifact in the image, naming its type and region."
-READ = "Which artifact does this text cite?"
 
 
 def _base_example(rng: random.Random):
-    """One pretraining example, (image, question, answer): describe the image's artifact (type and
-    region), or, one time in three, name the artifact type a detector-style text cites.
-
-    Reading matters: a judge that reads the image perfectly still cannot grade a response whose cited
-    artifact it cannot name (measured: 100 % on the image's type, 75 % on the cited type without it).
-    """
+    """One pretraining example: (image, question, answer): describe the artifact, type and region."""
     scene = random_scene(rng)
     image = render_image(rng, scene)
-    if rng.random() < 1 / 3:
-        text, cited = cited_response(rng, scene, rng.randint(1, 5))
-        return image, f"{READ}\n{text}", f"{cited or 'none'}."
     if scene.artifact is None:
         answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
     else:
@@ -217,7 +208,7 @@ def _gold_texts(split_dir: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 # The whole recipe, cached
 
-TRAINED_VERSION = "5"  # bump when the data, model or recipe changes: cached judges are rebuilt
+TRAINED_VERSION = "4"  # bump when the data, model or recipe changes: cached judges are rebuilt
 SPLIT_SHAPE = {  # (images, records per image) as the DFJ test sets: 5 responses / 10 pairs per image
     ("pointwise", "train"): (240, 5),
     ("pointwise", "test"): (40, 5),
@@ -291,19 +282,17 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
         metrics = {"timings": timings, "settings": settings.__dict__}
         for mode in prompts.MODES:
             t0 = time.perf_counter()
-            metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test")
+            metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test",
+                                     blank_records=settings.blank_control_records)
             timings[f"{mode}_eval_s"] = time.perf_counter() - t0
             log(f"{mode}: {metrics[mode]}")
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(root)
 
 
-def evaluate(judge_dir: Path, split_dir: Path) -> dict:
-    """Quality of a judge on a synthetic split: with the image, and with the image blanked (flat grey,
-    the control), on all records and on the records whose gold verdict depends on the pixels
-    (`meta.needs_image`, written by the synthetic split builder)."""
-    import json
-
+def evaluate(judge_dir: Path, split_dir: Path, blank_records: int | None = None) -> dict:
+    """Quality of a judge on a split, with the image, and with the image blanked (the control) on the
+    first `blank_records` records; the with-image metrics are reported on that subset too."""
     from PIL import Image
 
     import dfj
@@ -312,23 +301,17 @@ def evaluate(judge_dir: Path, split_dir: Path) -> dict:
     judge = dfj.load_judge(str(judge_dir))
     split = read_split(split_dir)
     records = split.records
-    with open(Path(split_dir) / "data.jsonl", encoding="utf-8") as handle:
-        meta = {n: json.loads(line).get("meta", {}) for n, line in enumerate(handle, start=1) if line.strip()}
     blank = [dict(image=Image.new("RGB", Image.open(r.image).size, (128, 128, 128)), label=r.label,
                   **({"response": r.response} if split.mode == "pointwise" else {"response_a": r.response_a, "response_b": r.response_b}))
-             for r in records]
-    runs = {"with_image": judge.judge_many(records), "blank_image": judge.judge_many(blank)}
-
-    def quality(verdicts, golds):
+             for r in records[:blank_records]]
+    result = {}
+    verdicts = judge.judge_many(records)
+    blank_verdicts = judge.judge_many(blank)
+    k = len(blank)
+    for name, got, gold in (("with_image", verdicts, records), ("with_image_subset", verdicts[:k], records[:k]),
+                            ("blank_image", blank_verdicts, records[:k])):
         if split.mode == "pointwise":
-            return pointwise_quality([v.score for v in verdicts], [r.gold_score for r in golds]).to_dict()
-        return pairwise_quality([v.choice for v in verdicts], [r.gold_choice for r in golds]).to_dict()
-
-    result = {name: quality(verdicts, records) for name, verdicts in runs.items()}
-    picked = [i for i, r in enumerate(records) if meta.get(r.line, {}).get("needs_image")]
-    result["needs_image"] = {name: quality([verdicts[i] for i in picked], [records[i] for i in picked])
-                             for name, verdicts in runs.items()}
-    # Each record's verdict, so a later run can check the cached numbers against a fresh judgement.
-    result["verdicts"] = {name: [v.score if split.mode == "pointwise" else v.choice for v in verdicts]
-                          for name, verdicts in runs.items()}
+            result[name] = pointwise_quality([v.score for v in got], [r.gold_score for r in gold]).to_dict()
+        else:
+            result[name] = pairwise_quality([v.choice for v in got], [r.gold_choice for r in gold]).to_dict()
     return result
