@@ -54,7 +54,10 @@ def _batch(processor, chats: list[str], targets: list[str], images: list):
         enc = processor(text=[chat + target], images=[image], return_tensors="pt")
         # The prompt is everything before the target's tokens (the chat ends with a special token and a
         # newline, so no merge crosses the boundary): one pass of the image processor, not two.
-        prompt_len = enc["input_ids"].shape[1] - len(processor.tokenizer(target)["input_ids"])
+        target_ids = processor.tokenizer(target)["input_ids"]
+        prompt_len = enc["input_ids"].shape[1] - len(target_ids)
+        if enc["input_ids"][0, prompt_len:].tolist() != target_ids:
+            raise ValueError(f"the target's tokens merge with the prompt's: {target[:40]!r}")
         rows.append((enc, prompt_len))
     width = max(enc["input_ids"].shape[1] for enc, _ in rows)
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -86,3 +86,28 @@ def test_response_levels_need_the_image_to_tell_apart():
     threes = {detector_response(random.Random(i), colour_scene, 3) for i in range(50)}
     # A level-5 response for one image is word for word a possible level-3 response for another.
     assert fives & threes
+
+
+def test_training_batches_mark_exactly_the_target_tokens(tmp_path):
+    """The loss positions are the target's tokens, found from one processor pass; a target whose
+    tokens would merge with the prompt's is refused rather than trained on shifted labels."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from dfj import prompts
+    from dfj.testing import write_processor
+    from dfj.training import _batch
+
+    write_processor(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    image = Image.new("RGB", (112, 112), (30, 60, 90))
+    chats = [prompts.render_chat("Describe the image."), prompts.render_chat(prompts.render_pairwise("fake", "a", "b"))]
+    targets = ["There is a seam.<|im_end|>", "<answer>B</answer><|im_end|>"]
+    inputs, positions, labels = _batch(processor, chats, targets, [image, image])
+    expected = [processor.tokenizer(t)["input_ids"] for t in targets]
+    assert labels.tolist() == expected[0] + expected[1]
+    for row, ids in enumerate(expected):  # position p predicts the token at p + 1
+        picked = positions[positions[:, 0] == row, 1] + 1
+        assert inputs["input_ids"][row, picked].tolist() == ids
+    with pytest.raises(ValueError, match="merge with the prompt"):
+        _batch(processor, [chats[0] + "ans"], ["wer<|im_end|>"], [image])
