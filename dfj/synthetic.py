@@ -137,6 +137,21 @@ def gold_pointwise(level: int) -> str:
     return f"<reasoning>{_GOLD_REASONS[level]}</reasoning>\n<score>{level}</score>"
 
 
+# Pairs of levels whose order the text alone does not give on a manipulated image: 5 and 3 (and 2 and 1)
+# are worded alike, and a hedged 4 beats a 3 but loses to a 5.
+_IMAGE_DECIDED_PAIRS = ({5, 3}, {2, 1}, {5, 4}, {4, 3})
+
+
+def needs_image(scene: Scene, levels: tuple[int, ...]) -> bool:
+    """Whether the gold verdict on responses of these levels (one: pointwise, two: pairwise) for
+    `scene` depends on the pixels, i.e. cannot be read from the label and the responses' words."""
+    if scene.artifact is None:
+        return False
+    if len(levels) == 1:
+        return levels[0] != 4
+    return set(levels) in _IMAGE_DECIDED_PAIRS
+
+
 def random_scene(rng: random.Random) -> Scene:
     label = rng.choice(prompts.LABELS)
     if label == "real":
@@ -166,16 +181,19 @@ def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: i
                 level = rng.randint(1, 5)
                 prompt = prompts.render_pointwise(scene.label, detector_response(rng, scene, level))
                 gold = gold_pointwise(level)
+                levels = (level,)
             else:
                 la, lb = rng.sample(range(1, 6), 2)
                 prompt = prompts.render_pairwise(
                     scene.label, detector_response(rng, scene, la), detector_response(rng, scene, lb)
                 )
                 gold = f"<answer>{'A' if la > lb else 'B'}</answer>"
+                levels = (la, lb)
             lines.append(json.dumps({
                 "messages": [{"role": "user", "content": "<image>" + prompt}, {"role": "assistant", "content": gold}],
                 "images": [name],
-                "meta": {"artifact": scene.artifact, "region": scene.region},
+                "meta": {"artifact": scene.artifact, "region": scene.region, "levels": list(levels),
+                         "needs_image": needs_image(scene, levels)},
             }))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

@@ -38,7 +38,6 @@ class TrainSettings:
     lora_rank: int = 16
     train_images: int = 400
     threads: int | None = None
-    blank_control_records: int = 100
 
     def __post_init__(self) -> None:
         self.judge_steps = self.judge_steps or {"pointwise": 450, "pairwise": 500}
@@ -211,7 +210,7 @@ def _gold_texts(split_dir: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 # The whole recipe, cached
 
-TRAINED_VERSION = "4"  # bump when the data, model or recipe changes: cached judges are rebuilt
+TRAINED_VERSION = "6"  # bump when the data, model or recipe changes: cached judges are rebuilt
 SPLIT_SHAPE = {  # (images, records per image) as the DFJ test sets: 5 responses / 10 pairs per image
     ("pointwise", "train"): (240, 5),
     ("pointwise", "test"): (40, 5),
@@ -285,17 +284,19 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
         metrics = {"timings": timings, "settings": settings.__dict__}
         for mode in prompts.MODES:
             t0 = time.perf_counter()
-            metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test",
-                                     blank_records=settings.blank_control_records)
+            metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test")
             timings[f"{mode}_eval_s"] = time.perf_counter() - t0
             log(f"{mode}: {metrics[mode]}")
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(root)
 
 
-def evaluate(judge_dir: Path, split_dir: Path, blank_records: int | None = None) -> dict:
-    """Quality of a judge on a split, with the image, and with the image blanked (the control) on the
-    first `blank_records` records; the with-image metrics are reported on that subset too."""
+def evaluate(judge_dir: Path, split_dir: Path) -> dict:
+    """Quality of a judge on a synthetic split: with the image, and with the image blanked (flat grey,
+    the control), on all records and on the records whose gold verdict depends on the pixels
+    (`meta.needs_image`, written by the synthetic split builder); and each record's verdict."""
+    import json
+
     from PIL import Image
 
     import dfj
@@ -304,17 +305,23 @@ def evaluate(judge_dir: Path, split_dir: Path, blank_records: int | None = None)
     judge = dfj.load_judge(str(judge_dir))
     split = read_split(split_dir)
     records = split.records
+    with open(Path(split_dir) / "data.jsonl", encoding="utf-8") as handle:
+        meta = {n: json.loads(line).get("meta", {}) for n, line in enumerate(handle, start=1) if line.strip()}
     blank = [dict(image=Image.new("RGB", Image.open(r.image).size, (128, 128, 128)), label=r.label,
                   **({"response": r.response} if split.mode == "pointwise" else {"response_a": r.response_a, "response_b": r.response_b}))
-             for r in records[:blank_records]]
-    result = {}
-    verdicts = judge.judge_many(records)
-    blank_verdicts = judge.judge_many(blank)
-    k = len(blank)
-    for name, got, gold in (("with_image", verdicts, records), ("with_image_subset", verdicts[:k], records[:k]),
-                            ("blank_image", blank_verdicts, records[:k])):
+             for r in records]
+    runs = {"with_image": judge.judge_many(records), "blank_image": judge.judge_many(blank)}
+
+    def quality(verdicts, golds):
         if split.mode == "pointwise":
-            result[name] = pointwise_quality([v.score for v in got], [r.gold_score for r in gold]).to_dict()
-        else:
-            result[name] = pairwise_quality([v.choice for v in got], [r.gold_choice for r in gold]).to_dict()
+            return pointwise_quality([v.score for v in verdicts], [r.gold_score for r in golds]).to_dict()
+        return pairwise_quality([v.choice for v in verdicts], [r.gold_choice for r in golds]).to_dict()
+
+    result = {name: quality(verdicts, records) for name, verdicts in runs.items()}
+    picked = [i for i, r in enumerate(records) if meta.get(r.line, {}).get("needs_image")]
+    result["needs_image"] = {name: quality([verdicts[i] for i in picked], [records[i] for i in picked])
+                             for name, verdicts in runs.items()}
+    # Each record's verdict, so a later run can check the cached numbers against a fresh judgement.
+    result["verdicts"] = {name: [v.score if split.mode == "pointwise" else v.choice for v in verdicts]
+                          for name, verdicts in runs.items()}
     return result

@@ -1,6 +1,6 @@
 """The trained tiny judges (issue: quality numbers that mean something without the real weights).
 
-The first run on a machine trains them (about 10 minutes on 2 cores) into the dfj cache; later runs
+The first run on a machine trains them (about 16 minutes on 2 cores, evaluation included) into the dfj cache; later runs
 reuse them. The metrics are measured here, on the held-out synthetic test split, with greedy verdicts.
 """
 
@@ -34,17 +34,37 @@ def test_pairwise_judge_accuracy(metrics):
 
 
 def test_the_pointwise_judge_uses_the_image(metrics):
-    """Same 100 records, image replaced by flat grey: the pointwise judge gets clearly worse.
+    """The 200 test records again with the image replaced by flat grey: the pointwise judge gets
+    clearly worse, overall and on the records only the pixels decide (a manipulated image, response
+    level 5/3 or 2/1: the cited artifact type is right or wrong, and only the image says which).
 
-    That shows the judge's output depends on the image, not that it grades by it: on the records only
-    the pixels decide (levels 5/3 and 2/1 on a manipulated image) these judges are at the coin flip,
-    with the image or without (measured on all 200: exact 0.50 vs 0.44 pointwise; pairwise 0.56 vs
-    0.50 on its 36 such pairs). The pairwise judge's overall gap is about 1 point; it is reported in
-    metrics.json, not gated. Issue 7 stays open on this.
+    What it does not show: that the judge grades by the image there. Its exact-score rate on those
+    records is about a coin flip with the image and a little lower without (metrics.json,
+    `needs_image`); the pairwise judge's control is reported there and not gated (about 1 point
+    overall). Issue 7 stays open on this.
     """
-    point, blank = metrics["pointwise"]["with_image_subset"], metrics["pointwise"]["blank_image"]
-    assert blank["n"] == point["n"] == 100
-    assert blank["rmse"] >= point["rmse"] + 0.1 and blank["pearson"] <= point["pearson"] - 0.03, (point, blank)
+    point = metrics["pointwise"]
+    assert point["blank_image"]["n"] == point["with_image"]["n"] == 200
+    assert point["blank_image"]["rmse"] >= point["with_image"]["rmse"] + 0.1, point
+    seen, blank = point["needs_image"]["with_image"], point["needs_image"]["blank_image"]
+    assert seen["n"] == blank["n"] >= 60, (seen, blank)
+    assert blank["rmse"] >= seen["rmse"] + 0.2, (seen, blank)
+
+
+def test_the_needs_image_subset_is_the_records_the_text_cannot_decide():
+    """`meta.needs_image` in the synthetic splits: exactly the manipulated-image records whose levels
+    read alike (5/3, 2/1, and for pairs a hedged 4 against a 5 or a 3), none on real images."""
+    from dfj.testing import trained_tiny_split
+
+    decided_by_pixels = ({5, 3}, {2, 1}, {5, 4}, {4, 3})
+    for mode in ("pointwise", "pairwise"):
+        lines = (trained_tiny_split(mode) / "data.jsonl").read_text().splitlines()
+        metas = [json.loads(line)["meta"] for line in lines]
+        for meta in metas:
+            levels = set(meta["levels"])
+            expected = meta["artifact"] is not None and (levels != {4} if mode == "pointwise" else levels in decided_by_pixels)
+            assert meta["needs_image"] == expected, meta
+        assert 0 < sum(m["needs_image"] for m in metas) < len(metas)
 
 
 def test_training_fits_the_cpu_budget(metrics):
@@ -62,9 +82,10 @@ def test_metrics_are_reproduced_by_a_fresh_evaluation():
     accuracy = sum(v.choice == r.gold_choice for v, r in zip(verdicts, records)) / len(records)
     from dfj.testing import trained_tiny_root
 
-    cached = json.loads((trained_tiny_root() / "metrics.json").read_text())
-    # These 40 are the first records of the 100-record subset that metrics.json reports.
-    assert accuracy >= 0.8 and abs(accuracy - cached["pairwise"]["with_image_subset"]["accuracy"]) <= 0.1
+    cached = json.loads((trained_tiny_root() / "metrics.json").read_text())["pairwise"]["verdicts"]["with_image"]
+    agree = sum(v.choice == c for v, c in zip(verdicts, cached)) / len(records)
+    # Greedy on the same weights: the same choices, up to a near-tie flipped by another batch shape.
+    assert accuracy >= 0.8 and agree >= 0.95, (accuracy, agree)
 
 
 def test_splits_are_dfj_layout_and_held_out():
