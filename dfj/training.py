@@ -196,15 +196,17 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
     peft_model.eval()
 
 
-def _gold_texts(split_dir: Path) -> dict[int, str]:
+def _split_lines(split_dir: Path) -> dict[int, dict]:
+    """The split's JSON lines by line number (as `Record.line`), for the fields `read_split` leaves
+    out: the gold judge output, and the synthetic builder's `meta`."""
     import json
 
-    golds = {}
     with open(Path(split_dir) / "data.jsonl", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                golds[number] = json.loads(line)["messages"][-1]["content"]
-    return golds
+        return {number: json.loads(line) for number, line in enumerate(handle, start=1) if line.strip()}
+
+
+def _gold_texts(split_dir: Path) -> dict[int, str]:
+    return {number: line["messages"][-1]["content"] for number, line in _split_lines(split_dir).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,8 +297,6 @@ def evaluate(judge_dir: Path, split_dir: Path) -> dict:
     """Quality of a judge on a synthetic split: with the image, and with the image blanked (flat grey,
     the control), on all records and on the records whose gold verdict depends on the pixels
     (`meta.needs_image`, written by the synthetic split builder); and each record's verdict."""
-    import json
-
     from PIL import Image
 
     import dfj
@@ -305,8 +305,7 @@ def evaluate(judge_dir: Path, split_dir: Path) -> dict:
     judge = dfj.load_judge(str(judge_dir))
     split = read_split(split_dir)
     records = split.records
-    with open(Path(split_dir) / "data.jsonl", encoding="utf-8") as handle:
-        meta = {n: json.loads(line).get("meta", {}) for n, line in enumerate(handle, start=1) if line.strip()}
+    meta = {number: line.get("meta", {}) for number, line in _split_lines(split_dir).items()}
     blank = [dict(image=Image.new("RGB", Image.open(r.image).size, (128, 128, 128)), label=r.label,
                   **({"response": r.response} if split.mode == "pointwise" else {"response_a": r.response_a, "response_b": r.response_b}))
              for r in records]
