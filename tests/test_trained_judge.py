@@ -1,7 +1,7 @@
 """The trained tiny judges (issue: quality numbers that mean something without the real weights).
 
-The first run on a machine trains them (about 16 minutes on 2 cores, evaluation included) into the dfj cache; later runs
-reuse them. The metrics are measured here, on the held-out synthetic test split, with greedy verdicts.
+The first run on a machine trains them (about 16 minutes on 2 cores, evaluation included) into the
+dfj cache; later runs reuse them. The metrics are measured here, on the held-out synthetic test split, with greedy verdicts.
 """
 
 import json
@@ -46,6 +46,7 @@ def test_the_pointwise_judge_uses_the_image(metrics):
     point = metrics["pointwise"]
     assert point["blank_image"]["n"] == point["with_image"]["n"] == 200
     assert point["blank_image"]["rmse"] >= point["with_image"]["rmse"] + 0.1, point
+    assert point["blank_image"]["pearson"] <= point["with_image"]["pearson"] - 0.03, point
     seen, blank = point["needs_image"]["with_image"], point["needs_image"]["blank_image"]
     assert seen["n"] == blank["n"] >= 60, (seen, blank)
     assert blank["rmse"] >= seen["rmse"] + 0.2, (seen, blank)
