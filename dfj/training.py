@@ -306,21 +306,19 @@ def evaluate(judge_dir: Path, split_dir: Path) -> dict:
     split = read_split(split_dir)
     records = split.records
     meta = {number: line.get("meta", {}) for number, line in _split_lines(split_dir).items()}
+    pointwise = split.mode == "pointwise"
     blank = [dict(image=Image.new("RGB", Image.open(r.image).size, (128, 128, 128)), label=r.label,
-                  **({"response": r.response} if split.mode == "pointwise" else {"response_a": r.response_a, "response_b": r.response_b}))
+                  **({"response": r.response} if pointwise else {"response_a": r.response_a, "response_b": r.response_b}))
              for r in records]
-    runs = {"with_image": judge.judge_many(records), "blank_image": judge.judge_many(blank)}
-
-    def quality(verdicts, golds):
-        if split.mode == "pointwise":
-            return pointwise_quality([v.score for v in verdicts], [r.gold_score for r in golds]).to_dict()
-        return pairwise_quality([v.choice for v in verdicts], [r.gold_choice for r in golds]).to_dict()
-
-    result = {name: quality(verdicts, records) for name, verdicts in runs.items()}
+    measure = pointwise_quality if pointwise else pairwise_quality
+    golds = [r.gold_score if pointwise else r.gold_choice for r in records]
+    # Each record's answer (score or letter), kept so a later run can check the cached numbers
+    # against a fresh judgement.
+    answers = {name: [v.score if pointwise else v.choice for v in judge.judge_many(inputs)]
+               for name, inputs in (("with_image", records), ("blank_image", blank))}
     picked = [i for i, r in enumerate(records) if meta.get(r.line, {}).get("needs_image")]
-    result["needs_image"] = {name: quality([verdicts[i] for i in picked], [records[i] for i in picked])
-                             for name, verdicts in runs.items()}
-    # Each record's verdict, so a later run can check the cached numbers against a fresh judgement.
-    result["verdicts"] = {name: [v.score if split.mode == "pointwise" else v.choice for v in verdicts]
-                          for name, verdicts in runs.items()}
+    result = {name: measure(got, golds).to_dict() for name, got in answers.items()}
+    result["needs_image"] = {name: measure([got[i] for i in picked], [golds[i] for i in picked]).to_dict()
+                             for name, got in answers.items()}
+    result["verdicts"] = answers
     return result
