@@ -6,6 +6,7 @@ outcome, and keep its peak memory bounded (a decoded bomb alone would take over 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,7 +56,13 @@ def test_the_run_survives_and_accounts_for_every_line(corpus_run):
     proc, rows, _ = corpus_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["dfj"]["line"] for r in rows] == list(range(1, len(CASES) + 1))
-    assert f"{len(CASES)} lines" in proc.stdout and "0 outputs without a verdict" in proc.stdout
+    assert f"{len(CASES)} lines" in proc.stdout
+    # Every line is counted once: a verdict, an output without one (the model's miss), or an input error.
+    counts = re.search(r"(\d+) verdicts, (\d+) outputs without a verdict, (\d+) input errors", proc.stdout)
+    verdicts, unparsed, errors = map(int, counts.groups())
+    assert errors == sum(c.expect[0] == ERROR for c in CASES)
+    assert verdicts + unparsed == sum(c.expect[0] != ERROR for c in CASES)
+    assert verdicts == sum(r["dfj"]["error"] is None for r in rows)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c.name for c in CASES])
@@ -68,8 +75,14 @@ def test_each_case_has_its_documented_outcome(corpus_run, index):
         assert result["error"].startswith(f"line {index + 1}: ")
         assert result["score"] is None if "score" in result else True
     else:
-        assert result["error"] is None, (case.what, result["error"])
-        assert result["score"] in (1, 2, 3, 4, 5) and result["reasoning"]
+        # The record reached the judge: its output is kept. A verdict is parsed from that output; an
+        # output without one is reported as the model's, never as a problem with the input.
+        assert result.get("text"), (case.what, result["error"])
+        if result["error"] is None:
+            assert result["score"] in (1, 2, 3, 4, 5) and result["reasoning"]
+        else:
+            assert result["error"].startswith(f"line {index + 1}: judge output unusable: "), (case.what, result["error"])
+            assert result["score"] is None
 
 
 def test_non_object_lines_keep_their_text(corpus_run):
