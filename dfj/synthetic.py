@@ -12,6 +12,11 @@ Detector responses are written by rules at five quality levels, in DFJ's
   1  wrong label with a hallucinated artifact
 
 Telling 5 from 3, or 2 from 1, needs the image: the text alone does not say which artifact is there.
+
+The gold pointwise reasoning is grounded the way DFJ's rationales are: it says what the image shows
+and what the response cites, whether they match, then the verdict ("Image: seam artifact. Response
+cites: colour artifact. Mismatch. Right class, ungrounded."). The pairwise template allows only the
+letter.
 """
 
 from __future__ import annotations
@@ -123,18 +128,31 @@ def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
     return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
 
 
-# Short on purpose: the decision is in the first words, and every gold token costs training time.
+def cited_artifact(response: str) -> str | None:
+    """The artifact type a detector response (from `detector_response`) cites, or None."""
+    for artifact, phrases in _ARTIFACT_WORDS.items():
+        if any(phrase in response for phrase in phrases):
+            return artifact
+    return None
+
+
+# Short on purpose: every gold token costs training time (the output head spans 152k tokens).
 _GOLD_REASONS = {
-    5: "Right class; artifact and region match.",
-    4: "Right class and artifact, but hedged.",
-    3: "Right class; the artifact does not match.",
-    2: "Wrong class; the detail is real.",
-    1: "Wrong class; hallucinated detail.",
+    5: "Right class, grounded.",
+    4: "Right class, hedged.",
+    3: "Right class, ungrounded.",
+    2: "Wrong class, real detail.",
+    1: "Wrong class, hallucinated.",
 }
 
 
-def gold_pointwise(level: int) -> str:
-    return f"<reasoning>{_GOLD_REASONS[level]}</reasoning>\n<score>{level}</score>"
+def gold_pointwise(level: int, artifact: str | None, cited: str | None) -> str:
+    """The gold pointwise output: what the image shows, what the response cites, whether they match,
+    the verdict. Spelling out the steps lets a small judge name the image's artifact and the cited
+    one as separate tokens before it compares them (issue 7's notes)."""
+    seen = f"Image: {artifact or 'no'} artifact. Response cites: {cited or 'no'} artifact."
+    return (f"<reasoning>{seen} {'Match' if artifact == cited else 'Mismatch'}. {_GOLD_REASONS[level]}</reasoning>\n"
+            f"<score>{level}</score>")
 
 
 # Pairs of levels whose order the text alone does not give on a manipulated image: 5 and 3 (and 2 and 1)
@@ -179,8 +197,9 @@ def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: i
                 break
             if mode == "pointwise":
                 level = rng.randint(1, 5)
-                prompt = prompts.render_pointwise(scene.label, detector_response(rng, scene, level))
-                gold = gold_pointwise(level)
+                response = detector_response(rng, scene, level)
+                prompt = prompts.render_pointwise(scene.label, response)
+                gold = gold_pointwise(level, scene.artifact, cited_artifact(response))
                 levels = (level,)
             else:
                 la, lb = rng.sample(range(1, 6), 2)

@@ -16,8 +16,10 @@ from dfj.manifest import verify
 
 pytestmark = pytest.mark.slow
 SAMPLES = 128  # the default
-# Teacher-forced logits on held-out records, 4-bit vs the fp32 merge (measured: see the issue note).
-MIN_LOGIT_COSINE = 0.99
+# Teacher-forced logits on held-out records, 4-bit vs the fp32 merge: absolute floors that a broken
+# packing or grid falls far below. Measured 0.9887 to over 0.99 (min cosine) on judges trained on
+# different machines; the relative check against round-to-nearest is the sharper one.
+MIN_LOGIT_COSINE = 0.98
 MIN_TOP1 = 0.95
 
 
@@ -91,24 +93,50 @@ def test_score_and_compare_run_on_cpu(gptq):
     assert dfj.load_judge(str(gptq["pairwise"])).compare(pair.image, pair.label, pair.response_a, pair.response_b).choice in ("A", "B")
 
 
+def _round_to_nearest(model, group_size: int = 128) -> None:
+    """Plain round-to-nearest 4-bit, symmetric, per group of input columns, with GPTQ's grid (levels
+    0..15 around zero point 8): the baseline GPTQ's error compensation must beat."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                w = linear.weight.view(linear.weight.shape[0], -1, group_size)
+                scale = (2 * w.abs().amax(-1, keepdim=True) / 15).clamp_min(1e-12)
+                linear.weight.copy_(((torch.round(w / scale) + 8).clamp(0, 15) - 8).mul(scale).view_as(linear.weight))
+
+
 def test_logits_stay_close_to_the_fp32_merge_on_held_out_records(gptq):
+    """Teacher-forced logits on held-out records: GPTQ's error against the fp32 merge must be smaller
+    than plain round-to-nearest's at the same bits and groups (what GPTQ's calibration is for), and
+    small in absolute terms."""
+    import copy
+
     from dfj import prompts
     from dfj.data import read_split
+    from dfj.images import load_image
     from dfj.testing import trained_tiny_split
 
     records = read_split(trained_tiny_split("pointwise", "test")).records[:6]
-    runtimes = [dfj.load_judge(str(gptq[k])).runtime for k in ("merged", "pointwise")]
-    cosines, top1 = [], []
+    runtimes = {k: dfj.load_judge(str(gptq[k])).runtime for k in ("merged", "pointwise")}
+    reference_model = runtimes["merged"].model
+    rtn_model = copy.deepcopy(reference_model)
+    _round_to_nearest(rtn_model)
+    cosines, top1 = {"gptq": [], "rtn": []}, {"gptq": [], "rtn": []}
     for record in records:
         chat = prompts.render_chat(prompts.render_pointwise(record.label, record.response))
-        logits = []
-        for runtime in runtimes:
-            inputs = runtime.encode(__import__("dfj.images", fromlist=["load_image"]).load_image(record.image), chat + record.gold_text)
-            n = len(runtime.tokenize(record.gold_text))
+        n = len(runtimes["merged"].tokenize(record.gold_text))
+        logits = {}
+        for name, runtime, model in (("reference", runtimes["merged"], reference_model), ("rtn", runtimes["merged"], rtn_model),
+                                     ("gptq", runtimes["pointwise"], runtimes["pointwise"].model)):
+            inputs = runtime.encode(load_image(record.image), chat + record.gold_text)
             with torch.inference_mode():
-                logits.append(runtime.model(**inputs, logits_to_keep=n + 1, use_cache=False).logits[0].double())
-        reference, quantized = logits
-        cosines.append(float(torch.nn.functional.cosine_similarity(reference.flatten(), quantized.flatten(), dim=0)))
-        top1.extend((reference.argmax(-1) == quantized.argmax(-1)).tolist())
-    print(f"GPTQ vs fp32: logits cosine min {min(cosines):.4f} mean {np.mean(cosines):.4f}, top-1 {np.mean(top1):.3f} over {len(top1)} tokens")
-    assert min(cosines) >= MIN_LOGIT_COSINE and np.mean(top1) >= MIN_TOP1
+                logits[name] = model(**inputs, logits_to_keep=n + 1, use_cache=False).logits[0].double()
+        for name in ("gptq", "rtn"):
+            cosines[name].append(float(torch.nn.functional.cosine_similarity(logits["reference"].flatten(), logits[name].flatten(), dim=0)))
+            top1[name].extend((logits["reference"].argmax(-1) == logits[name].argmax(-1)).tolist())
+    for name in ("gptq", "rtn"):
+        print(f"{name} vs fp32: logits cosine min {min(cosines[name]):.4f} mean {np.mean(cosines[name]):.4f}, "
+              f"top-1 {np.mean(top1[name]):.3f} over {len(top1[name])} tokens")
+    error = {name: float(np.mean([1 - c for c in cosines[name]])) for name in cosines}
+    assert error["gptq"] < error["rtn"], error
+    assert min(cosines["gptq"]) >= MIN_LOGIT_COSINE and np.mean(top1["gptq"]) >= MIN_TOP1
