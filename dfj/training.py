@@ -21,6 +21,7 @@ from typing import Callable
 from dfj import prompts
 from dfj.data import read_split
 from dfj.images import load_image
+from dfj.parse import parse_pairwise
 from dfj.synthetic import _ARTIFACT_WORDS, random_scene, render_image
 
 Log = Callable[[str], None]
@@ -44,79 +45,42 @@ class TrainSettings:
         self.judge_lr = self.judge_lr or {"pointwise": 2e-3, "pairwise": 1e-3}
 
 
-@dataclass
-class _Encoded:
-    """One training example through the processor: token ids, their image-token marks, where the
-    target starts, and the image's patches."""
-
-    ids: object  # 1-D LongTensor
-    mm: object  # 1-D LongTensor
-    prompt_len: int
-    pixels: object
-    grid: object
-
-
-def _encode(processor, chat: str, target: str, image) -> _Encoded:
-    enc = processor(text=[chat + target], images=[image], return_tensors="pt")
-    # The prompt is everything before the target's tokens (the chat ends with a special token and a
-    # newline, so no merge crosses the boundary): one pass of the image processor, not two.
-    target_ids = processor.tokenizer(target)["input_ids"]
-    prompt_len = enc["input_ids"].shape[1] - len(target_ids)
-    if enc["input_ids"][0, prompt_len:].tolist() != target_ids:
-        raise ValueError(f"the target's tokens merge with the prompt's: {target[:40]!r}")
-    return _Encoded(enc["input_ids"][0], enc["mm_token_type_ids"][0], prompt_len, enc["pixel_values"], enc["image_grid_thw"])
-
-
-def _collate(processor, rows: list[_Encoded]):
-    """Pad encoded examples on the right; return the model inputs, the (row, position) pairs whose
-    next token is a target token, and those tokens."""
+def _batch(processor, chats: list[str], targets: list[str], images: list):
+    """Tokenize each (chat, target) pair; pad on the right; return inputs and target positions."""
     import torch
 
-    width = max(len(row.ids) for row in rows)
+    rows = []
+    for chat, target, image in zip(chats, targets, images):
+        enc = processor(text=[chat + target], images=[image], return_tensors="pt")
+        # The prompt is everything before the target's tokens (the chat ends with a special token and a
+        # newline, so no merge crosses the boundary): one pass of the image processor, not two.
+        target_ids = processor.tokenizer(target)["input_ids"]
+        prompt_len = enc["input_ids"].shape[1] - len(target_ids)
+        if enc["input_ids"][0, prompt_len:].tolist() != target_ids:
+            raise ValueError(f"the target's tokens merge with the prompt's: {target[:40]!r}")
+        rows.append((enc, prompt_len))
+    width = max(enc["input_ids"].shape[1] for enc, _ in rows)
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     mm = torch.zeros((len(rows), width), dtype=torch.long)
     positions, labels = [], []
-    for i, row in enumerate(rows):
-        n = len(row.ids)
-        ids[i, :n] = row.ids
+    for i, (enc, prompt_len) in enumerate(rows):
+        n = enc["input_ids"].shape[1]
+        ids[i, :n] = enc["input_ids"][0]
         mask[i, :n] = 1
-        mm[i, :n] = row.mm
-        for pos in range(row.prompt_len, n):  # position pos-1 predicts token pos
+        mm[i, :n] = enc["mm_token_type_ids"][0]
+        for pos in range(prompt_len, n):  # position pos-1 predicts token pos
             positions.append((i, pos - 1))
-            labels.append(int(row.ids[pos]))
+            labels.append(int(enc["input_ids"][0, pos]))
     inputs = {
         "input_ids": ids,
         "attention_mask": mask,
         "mm_token_type_ids": mm,
-        "pixel_values": torch.cat([row.pixels for row in rows]),
-        "image_grid_thw": torch.cat([row.grid for row in rows]),
+        "pixel_values": torch.cat([enc["pixel_values"] for enc, _ in rows]),
+        "image_grid_thw": torch.cat([enc["image_grid_thw"] for enc, _ in rows]),
     }
     return inputs, torch.tensor(positions), torch.tensor(labels)
-
-
-def _batch(processor, chats: list[str], targets: list[str], images: list):
-    """Tokenize each (chat, target) pair; pad on the right; return inputs and target positions."""
-    return _collate(processor, [_encode(processor, chat, target, image) for chat, target, image in zip(chats, targets, images)])
-
-
-class _EncodingCache:
-    """Each distinct example goes through the processor once (a judge step draws from a fixed split,
-    and the processor costs a fifth of a step); an image's patches are kept once however many
-    examples share it. The tensors are the same as a fresh pass, so training is unchanged."""
-
-    def __init__(self, processor) -> None:
-        self.processor = processor
-        self.examples: dict[object, _Encoded] = {}
-        self.pixels: dict[object, object] = {}
-
-    def get(self, key, image_key, chat: str, target: str, image) -> _Encoded:
-        if key not in self.examples:
-            row = _encode(self.processor, chat, target, image)
-            row.pixels = self.pixels.setdefault(image_key, row.pixels)
-            self.examples[key] = row
-        return self.examples[key]
 
 
 def _loss(model, inputs, positions, labels, vocab=None):
@@ -175,11 +139,10 @@ def train_base(model, processor, settings: TrainSettings, log: Log = print) -> N
     optimizer = torch.optim.AdamW(params, lr=settings.base_lr, weight_decay=0.0)
     model.train()
     started = time.perf_counter()
-    cache = _EncodingCache(processor)
     for step in range(settings.base_steps):
-        picks = [rng.randrange(len(pool)) for _ in range(settings.base_batch)]
-        inputs, positions, labels = _collate(processor, [
-            cache.get(index, index, pool[index][1], pool[index][2] + "<|im_end|>", pool[index][0]) for index in picks])
+        batch = [pool[rng.randrange(len(pool))] for _ in range(settings.base_batch)]
+        inputs, positions, labels = _batch(processor, [c for _, c, _ in batch], [a + "<|im_end|>" for _, _, a in batch],
+                                           [i for i, _, _ in batch])
         for group in optimizer.param_groups:
             group["lr"] = settings.base_lr * _schedule(step, settings.base_steps)
         loss = _loss(model, inputs, positions, labels, vocab)
@@ -205,7 +168,6 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
     records = split.records
     golds = _gold_texts(split_dir)
     images: dict[str, object] = {}
-    cache = _EncodingCache(processor)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     lr = settings.judge_lr[split.mode]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -214,20 +176,20 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
     total = settings.judge_steps[split.mode]
     for step in range(total):
         picks = [rng.randrange(len(records)) for _ in range(settings.judge_batch)]
-        rows = []
+        chats, targets, pils = [], [], []
         for index in picks:
             record = records[index]
             responses, gold = record.responses(), golds[record.line]
-            swapped = split.mode == "pairwise" and rng.random() < 0.5
-            if swapped:
+            if split.mode == "pairwise" and rng.random() < 0.5:
                 # Each pair in either order, the gold letter following its response: the judge must
                 # compare the two, not learn a position.
                 responses, gold = responses[::-1], _swapped_choice(gold)
+            chats.append(prompts.render_chat(prompts.render(split.mode, record.label, *responses)))
+            targets.append(gold + "<|im_end|>")
             if record.image not in images:
                 images[record.image] = load_image(record.image)
-            chat = prompts.render_chat(prompts.render(split.mode, record.label, *responses))
-            rows.append(cache.get((record.line, swapped), record.image, chat, gold + "<|im_end|>", images[record.image]))
-        inputs, positions, labels = _collate(processor, rows)
+            pils.append(images[record.image])
+        inputs, positions, labels = _batch(processor, chats, targets, pils)
         for group in optimizer.param_groups:
             group["lr"] = lr * _schedule(step, total)
         loss = _loss(peft_model, inputs, positions, labels)
@@ -242,10 +204,10 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
 
 def _swapped_choice(gold: str) -> str:
     """The pairwise gold output with A and B exchanged."""
-    letter = {"<answer>A</answer>": "B", "<answer>B</answer>": "A"}.get(gold.strip())
-    if letter is None:
-        raise ValueError(f"not a pairwise gold output: {gold!r}")
-    return f"<answer>{letter}</answer>"
+    verdict = parse_pairwise(gold)
+    if not verdict.ok:
+        raise ValueError(f"not a pairwise gold output: {gold!r}: {verdict.error}")
+    return f"<answer>{'B' if verdict.choice == 'A' else 'A'}</answer>"
 
 
 def _split_lines(split_dir: Path) -> dict[int, dict]:
