@@ -40,12 +40,14 @@ def test_the_judges_grade_what_the_text_decides(metrics):
     pixels add."""
     from dfj.testing import trained_tiny_split
 
+    from dfj.training import _split_lines
+
     for mode in ("pointwise", "pairwise"):
-        lines = [json.loads(line) for line in (trained_tiny_split(mode) / "data.jsonl").read_text().splitlines()]
-        golds = [line["messages"][-1]["content"] for line in lines]
-        golds = [int(g.split("<score>")[1][0]) if mode == "pointwise" else g[len("<answer>")] for g in golds]
+        split = trained_tiny_split(mode)
+        records, meta = read_split(split).records, _split_lines(split)
+        golds = [r.gold_score if mode == "pointwise" else r.gold_choice for r in records]
         got = metrics[mode]["verdicts"]["with_image"]
-        picked = [i for i, line in enumerate(lines) if not line["meta"]["needs_image"]]
+        picked = [i for i, r in enumerate(records) if not meta[r.line]["meta"]["needs_image"]]
         right = sum(got[i] == golds[i] for i in picked) / len(picked)
         assert len(picked) >= 100 and right >= 0.9, (mode, right, len(picked))
 
@@ -68,6 +70,7 @@ def test_issue_7_remaining_criteria(metrics):
     point, pair = metrics["pointwise"], metrics["pairwise"]
     assert point["blank_image"]["n"] == point["with_image"]["n"] == 200
     assert point["blank_image"]["rmse"] >= point["with_image"]["rmse"] + 0.1, point
+    assert point["blank_image"]["pearson"] <= point["with_image"]["pearson"] - 0.03, point
     seen, blank = point["needs_image"]["with_image"], point["needs_image"]["blank_image"]
     assert seen["n"] == blank["n"] >= 60, (seen, blank)
     assert blank["rmse"] >= seen["rmse"] + 0.2, (seen, blank)
