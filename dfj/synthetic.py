@@ -146,13 +146,19 @@ _GOLD_REASONS = {
 }
 
 
+def find_question(artifact: str) -> str:
+    """The grounding question the trained base answers "Yes." or "No." (dfj.training)."""
+    return f"Is there a {artifact} artifact in the image?"
+
+
 def gold_pointwise(level: int, artifact: str | None, cited: str | None) -> str:
-    """The gold pointwise output: what the image shows, what the response cites, whether they match,
-    the verdict. Spelling out the steps lets a small judge name the image's artifact and the cited
-    one as separate tokens before it compares them (issue 7's notes)."""
-    seen = f"Image: {artifact or 'no'} artifact. Response cites: {cited or 'no'} artifact."
-    return (f"<reasoning>{seen} {'Match' if artifact == cited else 'Mismatch'}. {_GOLD_REASONS[level]}</reasoning>\n"
-            f"<score>{level}</score>")
+    """The gold pointwise output: the artifact type the response cites, whether the image shows it,
+    the verdict. The check is asked in the base's own grounding question, so the judge reuses a skill
+    the base learned instead of learning to compare two artifact names (issue 7's notes)."""
+    seen = f"Response cites: {cited or 'no'} artifact."
+    if cited:
+        seen += f"\n{find_question(cited)}\n{'Yes' if cited == artifact else 'No'}."
+    return f"<reasoning>{seen}\n{_GOLD_REASONS[level]}</reasoning>\n<score>{level}</score>"
 
 
 # Pairs of levels whose order the text alone does not give on a manipulated image: 5 and 3 (and 2 and 1)

@@ -1,7 +1,9 @@
 """Train small DFJ-like judges on CPU, mirroring the real recipe at small scale.
 
 1. Base: a small Qwen2.5-VL (real architecture, real tokenizer) trained from scratch, vision tower
-   included, to describe the synthetic images ("There is a texture artifact in the upper left.").
+   included, on three skills a real base brings to its fine-tune: describe the image's artifact
+   ("There is a texture artifact in the upper left."), answer whether an artifact of a named type is
+   in the image, and read which artifact type a detector response cites.
 2. Judges: a LoRA on the language model only (vision tower frozen, as ms-swift's --freeze_vit),
    trained on DFJ prompts and gold judge outputs, one adapter per mode.
 
@@ -22,7 +24,7 @@ from dfj import prompts
 from dfj.data import read_split
 from dfj.images import load_image
 from dfj.parse import parse_pairwise
-from dfj.synthetic import _ARTIFACT_WORDS, random_scene, render_image
+from dfj.synthetic import _ARTIFACT_WORDS, ARTIFACTS, cited_artifact, detector_response, find_question, random_scene, render_image
 
 Log = Callable[[str], None]
 
@@ -83,17 +85,48 @@ def _batch(processor, chats: list[str], targets: list[str], images: list):
     return inputs, torch.tensor(positions), torch.tensor(labels)
 
 
-def _loss(model, inputs, positions, labels, vocab=None):
-    """Cross-entropy at the target positions; over `vocab` (sorted token ids) only, if given."""
+def _loss(model, inputs, positions, labels, vocab=None, head=None):
+    """Cross-entropy at the target positions: over `vocab` (sorted token ids) only, if given; else over
+    the full vocabulary through `head` (a frozen bf16 copy of the output head, see `_full_head_loss`)."""
     import torch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = inner.model(**inputs, use_cache=False).last_hidden_state
     picked = hidden[positions[:, 0], positions[:, 1]]
     if vocab is None:
-        return torch.nn.functional.cross_entropy(inner.lm_head(picked).float(), labels)
+        return _full_head_loss()(picked, inner.lm_head.weight if head is None else head, labels)
     logits = picked @ inner.lm_head.weight[vocab].T
     return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels))
+
+
+def _head_cross_entropy(hidden, head, labels):
+    """Mean cross-entropy of `labels` under logits `hidden @ head.T`: the product in bf16 (the head's
+    dtype), the softmax in fp32, as mixed-precision training does on GPUs."""
+    import torch
+
+    return torch.nn.functional.cross_entropy((hidden.to(head.dtype) @ head.T).float(), labels)
+
+
+_COMPILED_HEAD_LOSS = None
+
+
+def _full_head_loss():
+    """`_head_cross_entropy`, compiled when a C++ compiler is present.
+
+    The judge phase's cost is the 152k-token head at every target position: in eager mode the logits,
+    their fp32 copy, the log-softmax and its gradient are each a pass over a 40M-element tensor. The
+    compiled kernel fuses them and takes a pointwise step from about 1.3 s to 0.8 s on 2 CPU cores.
+    Dynamic shapes: the number of target positions differs from batch to batch.
+    """
+    global _COMPILED_HEAD_LOSS
+    if _COMPILED_HEAD_LOSS is None:
+        import shutil
+
+        import torch
+
+        has_compiler = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+        _COMPILED_HEAD_LOSS = torch.compile(_head_cross_entropy, dynamic=True) if has_compiler else _head_cross_entropy
+    return _COMPILED_HEAD_LOSS
 
 
 def _schedule(step: int, total: int, warmup: int = 20) -> float:
@@ -103,17 +136,33 @@ def _schedule(step: int, total: int, warmup: int = 20) -> float:
 
 
 DESCRIBE = "Describe any manipulation artifact in the image, naming its type and region."
+BASE_TASKS = ("describe", "find", "read")
 
 
-def _base_example(rng: random.Random):
-    """One pretraining example: (image, question, answer): describe the artifact, type and region."""
+def _base_example(rng: random.Random, task: str):
+    """One pretraining example, (image, question, answer), for one of the base's three skills:
+    describe the image's artifact (type and region); say whether an artifact of a named type is in
+    the image; read which artifact type a detector response cites. The real base learned looking,
+    grounding a phrase in the image and reading text in pretraining; a judge's LoRA only routes them.
+
+    Half the looking questions come after a detector response about another image: the text between
+    the image and the question varies, so the base must find the image by content, not by distance
+    (in a judge prompt the image is 500 tokens back), and learns that a cited artifact is not a seen one.
+    """
     scene = random_scene(rng)
     image = render_image(rng, scene)
-    if scene.artifact is None:
-        answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
-    else:
-        answer = f"There is {rng.choice(_ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
-    return image, DESCRIBE, answer
+    other = detector_response(rng, random_scene(rng), rng.randint(1, 5))
+    if task == "read":
+        return image, f"{other}\nWhich artifact type does this response cite?", f"{cited_artifact(other) or 'no'} artifact."
+    preamble = other + "\n" if rng.random() < 0.5 else ""
+    if task == "describe":
+        if scene.artifact is None:
+            answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
+        else:
+            answer = f"There is {rng.choice(_ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
+        return image, preamble + DESCRIBE, answer
+    asked = scene.artifact if scene.artifact and rng.random() < 0.5 else rng.choice(ARTIFACTS)
+    return image, preamble + find_question(asked), "Yes." if asked == scene.artifact else "No."
 
 
 def train_base(model, processor, settings: TrainSettings, log: Log = print) -> None:
@@ -128,7 +177,7 @@ def train_base(model, processor, settings: TrainSettings, log: Log = print) -> N
 
     rng = random.Random(f"base-{settings.seed}")
     pool = [(image, prompts.render_chat(question), answer) for image, question, answer in
-            (_base_example(rng) for _ in range(settings.train_images))]
+            (_base_example(rng, task) for task in BASE_TASKS for _ in range(settings.train_images))]
     tokenizer = processor.tokenizer
     task_text = [chat + answer for _, chat, answer in pool] + ["<|im_end|>"]
     vocab = torch.tensor(sorted({i for text in task_text for i in tokenizer(text)["input_ids"]}))
@@ -169,6 +218,7 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
     golds = _gold_texts(split_dir)
     images: dict[str, object] = {}
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    head = peft_model.get_base_model().lm_head.weight.detach().to(torch.bfloat16)  # frozen: not a LoRA target
     lr = settings.judge_lr[split.mode]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     peft_model.train()
@@ -192,7 +242,7 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
         inputs, positions, labels = _batch(processor, chats, targets, pils)
         for group in optimizer.param_groups:
             group["lr"] = lr * _schedule(step, total)
-        loss = _loss(peft_model, inputs, positions, labels)
+        loss = _loss(peft_model, inputs, positions, labels, head=head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -226,7 +276,7 @@ def _gold_texts(split_dir: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 # The whole recipe, cached
 
-TRAINED_VERSION = "7"  # bump when the data, model or recipe changes: cached judges are rebuilt
+TRAINED_VERSION = "10"  # bump when the data, model or recipe changes: cached judges are rebuilt
 SPLIT_SHAPE = {  # (images, records per image) as the DFJ test sets: 5 responses / 10 pairs per image
     ("pointwise", "train"): (240, 5),
     ("pointwise", "test"): (40, 5),

@@ -124,7 +124,7 @@ def test_export_is_repeatable_and_refuses_to_clobber(tiny, merged, tmp_path):
 def test_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
     import dfj.export.lora_merge as merge_module
 
-    monkeypatch.setattr(merge_module, "MERGE_TOLERANCE", {"float32": 0.0})  # impossible to meet
+    monkeypatch.setattr(merge_module, "MERGE_TOLERANCE", {"float32": (0.0, 0.0)})  # impossible to meet
     monkeypatch.setattr(merge_module, "MIN_COSINE", 2.0)
     with pytest.raises(RuntimeError, match="does not match its source"):
         merge(tiny("pointwise", adapter=True), tmp_path / "out")

@@ -81,7 +81,7 @@ def test_artifact_records_graphs_and_loads_with_the_onnx_runtime_by_default(onnx
     info = manifest.extra["onnx"]
     assert info["graphs"] == {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
     assert info["opset"] == 18 and info["quantization"] == {"method": "none"}
-    assert manifest.parity["max_abs_diff"] <= 1e-4 and manifest.parity["tolerance"] == 1e-4
+    assert manifest.parity["max_abs_diff"] <= 1e-4 and 1e-4 < manifest.parity["tolerance"] < 1e-3
     judge = judges(folder)
     assert judge.runtime.name == "onnx" and judge.describe()["providers"] == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="precision it was exported with"):
@@ -116,9 +116,9 @@ def test_external_data_layout_loads_and_matches(tiny, tmp_path, onnx_fp32, judge
 
 
 # Stated bounds for the weight-quantized graphs on the trained tiny pointwise judge, 24 held-out
-# records. Measured on v7: int8 mean KLD 1.4e-4, top-1 1.0, the same verdicts; int4 mean KLD 4.4e-3,
-# top-1 0.990, 20 of 24 verdicts the same. v7's verdict rests on a near-tie "Match / Mismatch"
-# token, which int4 noise flips (on v6, whose verdicts had no such step, int4 kept all 40).
+# records. Measured on v10 (`dfj demo`, 40 records): int8 mean KLD 3.7e-5, top-1 0.998; int4 3.0e-3,
+# top-1 0.994; both gave every reference verdict. The int4 agreement bound is from v7, whose verdict
+# rested on a near-tie "Match / Mismatch" token that int4 noise flipped (20 of 24 kept).
 QUANT_BOUNDS = {"int8": {"kld": 0.005, "top1": 0.98, "agree": 0.9}, "int4": {"kld": 0.02, "top1": 0.95, "agree": 0.75}}
 
 

@@ -1,6 +1,6 @@
 """The trained tiny judges (issue: quality numbers that mean something without the real weights).
 
-The first run on a machine trains them (about 21 minutes on 2 cores, evaluation included) into the
+The first run on a machine trains them (about 18 minutes on 2 cores, evaluation included) into the
 dfj cache; later runs reuse them. The metrics are measured here, on the held-out synthetic test
 split, with greedy verdicts.
 """
@@ -52,28 +52,37 @@ def test_the_judges_grade_what_the_text_decides(metrics):
         assert len(picked) >= 100 and right >= 0.9, (mode, right, len(picked))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7, open: the judges barely depend on the image, and training takes over 15 minutes")
-def test_issue_7_remaining_criteria(metrics):
-    """What issue 7 still asks for, in one test: strict xfail, so the day all of it holds this marker
-    must go.
-
-    1. The control: the 200 test records again with the image replaced by flat grey. Each judge
-       should get clearly worse, overall and on the records only the pixels decide (a manipulated
-       image, response levels 5/3 or 2/1, for pairs also a hedged 4 against a 5 or a 3: the cited
-       artifact type is right or wrong, and only the image says which). Measured (metrics.json): the
-       pointwise judge names the image's artifact nearly always but its match with the cited one is
-       right on about 2 in 3, so a blank image costs it a few hundredths of RMSE; the
-       pairwise template allows no reasoning before the letter.
-    2. Training both judges within 15 minutes on 2 cores (the grounded pointwise reasoning made the
-       pointwise phase longer; `test_training_time_stays_in_its_measured_range` guards regressions).
-    """
-    point, pair = metrics["pointwise"], metrics["pairwise"]
+def test_the_pointwise_judge_uses_the_image(metrics):
+    """Issue 7's control, pointwise: the 200 test records again with the image replaced by flat grey.
+    The judge must get clearly worse, overall and on the records only the pixels decide (a manipulated
+    image, response levels 5/3 or 2/1: the cited artifact type is there or not, and only the image
+    says which). It asks itself the base's grounding question about the cited type; on a grey image it
+    answers "No", so levels 5 and 2 fall to 3 and 1."""
+    point = metrics["pointwise"]
     assert point["blank_image"]["n"] == point["with_image"]["n"] == 200
     assert point["blank_image"]["rmse"] >= point["with_image"]["rmse"] + 0.1, point
     assert point["blank_image"]["pearson"] <= point["with_image"]["pearson"] - 0.03, point
     seen, blank = point["needs_image"]["with_image"], point["needs_image"]["blank_image"]
     assert seen["n"] == blank["n"] >= 60, (seen, blank)
     assert blank["rmse"] >= seen["rmse"] + 0.2, (seen, blank)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 7, open: the pairwise judge barely depends on the image")
+def test_issue_7_remaining_criteria(metrics):
+    """What issue 7 still asks for, in one test: strict xfail, so the day all of it holds this marker
+    must go.
+
+    1. The control, pairwise: blanking the image should cost the pairwise judge clearly, overall and
+       on the 36 pairs only the pixels decide (5 against 3, 2 against 1, a hedged 4 against a 5 or a
+       3). Its template allows no reasoning before the letter, so it would have to read both cited
+       types and check both against the image in one forward pass; measured (metrics.json), it loses
+       a point or two overall and about five on those pairs.
+    2. Training both judges within 15 minutes on 2 cores. v10 measured 891 s alone on this machine,
+       inside the budget by less than the machine's run-to-run noise (the same base phase took 228 s
+       and 270 s in two runs), so it is held here, not in a test of its own that a slow run would
+       fail; `test_training_time_stays_in_its_measured_range` guards regressions.
+    """
+    pair = metrics["pairwise"]
     assert pair["blank_image"]["accuracy"] <= pair["with_image"]["accuracy"] - 0.05, pair
     assert pair["needs_image"]["blank_image"]["accuracy"] <= pair["needs_image"]["with_image"]["accuracy"] - 0.15, pair
     assert metrics["timings"]["train_total_s"] <= 15 * 60, metrics["timings"]
@@ -96,8 +105,8 @@ def test_the_needs_image_subset_is_the_records_the_text_cannot_decide():
 
 
 def test_training_time_stays_in_its_measured_range(metrics):
-    """A regression guard, not issue 7's 15-minute budget (see above): v7 measured about 18 minutes
-    on 2 cores alone, and training inside a busy test run has taken a fifth longer; a recipe or
+    """A regression guard, not issue 7's 15-minute budget (see above): v10 measured 891 s on 2 cores
+    alone, and training beside other work on the machine has taken a fifth longer; a recipe or
     library change that makes it much slower fails here."""
     assert metrics["timings"]["train_total_s"] <= 25 * 60, metrics["timings"]
 
@@ -166,9 +175,36 @@ def test_training_batches_mark_exactly_the_target_tokens(tmp_path):
         _batch(processor, [chats[0] + "ans"], ["wer<|im_end|>"], [image])
 
 
-def test_gold_reasoning_says_what_the_image_shows_and_whether_the_response_cites_it():
+def test_judge_phase_head_loss_is_the_fp32_cross_entropy_within_bf16_rounding():
+    """The judge phase's loss over the full vocabulary runs the head in bf16, compiled where a C++
+    compiler is present (the cost of a step), else eagerly: either way its value and its gradient
+    must be the fp32 cross-entropy's, to bf16 rounding."""
+    import torch
+
+    from dfj.training import _full_head_loss, _head_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randn(5000, 256, generator=generator) * 0.1
+    labels = torch.randint(0, 5000, (37,), generator=generator)
+
+    def loss_and_grad(loss_fn, *weight):
+        hidden = (torch.randn(37, 256, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_()
+        loss = loss_fn(hidden, *weight, labels) if weight else loss_fn(hidden @ head.T, labels)
+        loss.backward()
+        return loss.item(), hidden.grad
+
+    reference, grad_reference = loss_and_grad(torch.nn.functional.cross_entropy)
+    for loss_fn in (_full_head_loss(), _head_cross_entropy):
+        got, grad = loss_and_grad(loss_fn, head.to(torch.bfloat16))
+        assert abs(got - reference) <= 0.01 * reference, (loss_fn, got, reference)
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), grad_reference.flatten(), dim=0).item()
+        assert cosine >= 0.999, (loss_fn, cosine)
+        assert (grad - grad_reference).abs().max().item() <= 0.02 * grad_reference.abs().max().item(), loss_fn
+
+
+def test_gold_reasoning_says_what_the_response_cites_and_whether_the_image_shows_it():
     from dfj.parse import parse_pointwise
-    from dfj.synthetic import ARTIFACTS, cited_artifact, gold_pointwise
+    from dfj.synthetic import ARTIFACTS, cited_artifact, find_question, gold_pointwise
 
     for seed in range(30):
         for artifact in ARTIFACTS:
@@ -178,10 +214,10 @@ def test_gold_reasoning_says_what_the_image_shows_and_whether_the_response_cites
                 assert cited in ARTIFACTS and (cited == artifact) == named, (artifact, level, cited)
                 verdict = parse_pointwise(gold_pointwise(level, artifact, cited))
                 assert verdict.ok and verdict.score == level
-                assert verdict.reasoning.startswith(f"Image: {artifact} artifact. Response cites: {cited} artifact. "
-                                                    f"{'Match' if named else 'Mismatch'}.")
+                assert verdict.reasoning.startswith(f"Response cites: {cited} artifact.\n{find_question(cited)}\n"
+                                                    f"{'Yes' if named else 'No'}.\n")
         real = [cited_artifact(detector_response(random.Random(seed), Scene("real", None, None), level)) for level in range(1, 6)]
         assert real[0] in ARTIFACTS and real[1:] == [None] * 4
         assert parse_pointwise(gold_pointwise(1, None, real[0])).reasoning.startswith(
-            f"Image: no artifact. Response cites: {real[0]} artifact. Mismatch.")
-        assert "Image: no artifact. Response cites: no artifact. Match." in gold_pointwise(5, None, real[4])
+            f"Response cites: {real[0]} artifact.\n{find_question(real[0])}\nNo.\n")
+        assert "<reasoning>Response cites: no artifact.\nRight class, grounded." in gold_pointwise(5, None, real[4])

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dfj import hf
-from dfj.export.probe import compare_logits, probe_logits
+from dfj.export.probe import LOSSLESS_ATOL, LOSSLESS_RTOL, compare_logits, lossless_tolerance, probe_logits
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import Manifest, sha256_file, write_manifest
 from dfj.sources import resolve
 
-# Max |logit difference| allowed between the merged artifact and base+adapter, by saved dtype.
-MERGE_TOLERANCE = {"float32": 1e-4}
+# (atol, rtol) of the max |logit difference| allowed between the merged artifact and base+adapter, by
+# saved dtype (see `probe.lossless_tolerance`); bf16 is lossy and checked by cosine only.
+MERGE_TOLERANCE = {"float32": (LOSSLESS_ATOL, LOSSLESS_RTOL)}
 MIN_COSINE = 0.999  # any dtype
 
 
@@ -78,7 +79,8 @@ def export_merged(
                 reloaded = hf.load_model(work, dtype=hf.torch_dtype(saved_dtype, "cpu"))
                 parity = compare_logits(reference, probe_logits(reloaded, processor, resolved.mode))
                 del reloaded
-                tolerance = MERGE_TOLERANCE.get(saved_dtype)
+                bounds = MERGE_TOLERANCE.get(saved_dtype)
+                tolerance = None if bounds is None else lossless_tolerance(reference, *bounds)
                 parity.update(reference="base+adapter" if adapter_info else "source", tolerance=tolerance)
                 if (tolerance is not None and parity["max_abs_diff"] > tolerance) or parity["cosine"] < MIN_COSINE:
                     raise RuntimeError(f"merged model does not match its source: {parity}")

@@ -36,8 +36,6 @@ from dfj.sources import resolve
 OPSET = 18
 GRAPHS = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
 QUANTS = ("fp32", "int8", "int4")
-# fp32 ONNX vs transformers fp32 on the export probe (max |Δ logit|); lossless path.
-FP32_TOLERANCE = 1e-4
 INT4_BLOCK_SIZE = 32
 
 
@@ -290,7 +288,7 @@ def export_onnx(
     """
     from transformers import AutoProcessor
 
-    from dfj.export.probe import compare_logits
+    from dfj.export.probe import compare_logits, lossless_tolerance
 
     if quant not in QUANTS:
         raise ValueError(f"unknown ONNX quantization {quant!r}: {', '.join(QUANTS)}")
@@ -313,7 +311,7 @@ def export_onnx(
         processor.save_pretrained(work)
         (work / "onnx.json").write_text(json.dumps(onnx_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         parity = compare_logits(reference, _probe_onnx(work, resolved.mode, limits))
-        tolerance = FP32_TOLERANCE if quant == "fp32" else None
+        tolerance = lossless_tolerance(reference) if quant == "fp32" else None
         parity.update(reference="transformers fp32 (merged)", tolerance=tolerance)
         if tolerance is not None and parity["max_abs_diff"] > tolerance:
             raise RuntimeError(f"the fp32 ONNX graphs do not match transformers: {parity}")
