@@ -78,7 +78,7 @@ def test_issue_7_remaining_criteria(metrics):
        types and check both against the image in one forward pass; measured (metrics.json), it loses
        a point or two overall and about five on those pairs.
     2. Training both judges within 15 minutes on 2 cores. v10 measured 891 s alone on this machine,
-       inside the budget by less than the machine's run-to-run noise (the same base phase took 228 s
+       inside the budget by less than the machine's run-to-run noise (the same v7 base phase took 228 s
        and 270 s in two runs), so it is held here, not in a test of its own that a slow run would
        fail; `test_training_time_stays_in_its_measured_range` guards regressions.
     """
