@@ -13,10 +13,10 @@ Detector responses are written by rules at five quality levels, in DFJ's
 
 Telling 5 from 3, or 2 from 1, needs the image: the text alone does not say which artifact is there.
 
-The gold pointwise reasoning is grounded the way DFJ's rationales are: it says what the image shows
-and what the response cites, whether they match, then the verdict ("Image: seam artifact. Response
-cites: colour artifact. Mismatch. Right class, ungrounded."). The pairwise template allows only the
-letter.
+The gold pointwise reasoning is grounded the way DFJ's rationales are: it says which artifact type
+the response cites, asks whether the image shows it, then gives the verdict ("Response cites: colour
+artifact. / Is there a colour artifact in the image? / No. / Right class, ungrounded.", one line
+each). The pairwise template allows only the letter.
 """
 
 from __future__ import annotations
