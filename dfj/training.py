@@ -49,20 +49,37 @@ class TrainSettings:
         self.judge_lr = self.judge_lr or {"pointwise": 2e-3, "pairwise": 1e-3}
 
 
-def _batch(processor, chats: list[str], targets: list[str], images: list):
-    """Tokenize each (chat, target) pair; pad on the right; return inputs and target positions."""
+def _encode(processor, chat: str, target: str, image):
+    """Tokenize one (chat, target) pair with its image: the encoding and the prompt's length."""
+    enc = processor(text=[chat + target], images=[image], return_tensors="pt")
+    # The prompt is everything before the target's tokens (the chat ends with a special token and a
+    # newline, so no merge crosses the boundary): one pass of the image processor, not two.
+    target_ids = processor.tokenizer(target)["input_ids"]
+    prompt_len = enc["input_ids"].shape[1] - len(target_ids)
+    if enc["input_ids"][0, prompt_len:].tolist() != target_ids:
+        raise ValueError(f"the target's tokens merge with the prompt's: {target[:40]!r}")
+    return enc, prompt_len
+
+
+def _batch(processor, chats: list[str], targets: list[str], images: list, keys: list | None = None,
+           cache: dict | None = None):
+    """Tokenize each (chat, target) pair; pad on the right; return inputs and target positions.
+
+    With `keys` and `cache`, each pair's encoding is kept in `cache` under its key and reused. The
+    base phase draws each of its examples about 13 times and the processor takes 0.05 s of its step
+    (same weights; 12 s to 45 s faster in measured runs). The judge phases don't cache: they draw
+    most examples once or twice, and measured no faster with it.
+    """
     import torch
 
     rows = []
-    for chat, target, image in zip(chats, targets, images):
-        enc = processor(text=[chat + target], images=[image], return_tensors="pt")
-        # The prompt is everything before the target's tokens (the chat ends with a special token and a
-        # newline, so no merge crosses the boundary): one pass of the image processor, not two.
-        target_ids = processor.tokenizer(target)["input_ids"]
-        prompt_len = enc["input_ids"].shape[1] - len(target_ids)
-        if enc["input_ids"][0, prompt_len:].tolist() != target_ids:
-            raise ValueError(f"the target's tokens merge with the prompt's: {target[:40]!r}")
-        rows.append((enc, prompt_len))
+    for n, (chat, target, image) in enumerate(zip(chats, targets, images)):
+        if cache is None or keys is None:
+            rows.append(_encode(processor, chat, target, image))
+        else:
+            if keys[n] not in cache:
+                cache[keys[n]] = _encode(processor, chat, target, image)
+            rows.append(cache[keys[n]])
     width = max(enc["input_ids"].shape[1] for enc, _ in rows)
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -184,10 +201,12 @@ def train_base(model, processor, settings: TrainSettings, log: Log = print) -> N
     optimizer = torch.optim.AdamW(params, lr=settings.base_lr, weight_decay=0.0)
     model.train()
     started = time.perf_counter()
+    encoded: dict = {}
     for step in range(settings.base_steps):
-        batch = [pool[rng.randrange(len(pool))] for _ in range(settings.base_batch)]
+        picks = [rng.randrange(len(pool)) for _ in range(settings.base_batch)]
+        batch = [pool[index] for index in picks]
         inputs, positions, labels = _batch(processor, [c for _, c, _ in batch], [a + "<|im_end|>" for _, _, a in batch],
-                                           [i for i, _, _ in batch])
+                                           [i for i, _, _ in batch], keys=picks, cache=encoded)
         for group in optimizer.param_groups:
             group["lr"] = settings.base_lr * _schedule(step, settings.base_steps)
         loss = _loss(model, inputs, positions, labels, vocab)
