@@ -172,7 +172,7 @@ def test_training_batches_mark_exactly_the_target_tokens(tmp_path):
     for row, ids in enumerate(expected):  # position p predicts the token at p + 1
         picked = positions[positions[:, 0] == row, 1] + 1
         assert inputs["input_ids"][row, picked].tolist() == ids
-    # A cached encoding is reused by key (the training phases draw the same examples many times), and
+    # A cached encoding is reused by key (the base phase draws each example about 13 times), and
     # a batch built from the cache is the batch built afresh.
     cache: dict = {}
     _batch(processor, chats, targets, [image, image], keys=["x", "y"], cache=cache)
