@@ -159,7 +159,7 @@ def test_training_batches_mark_exactly_the_target_tokens(tmp_path):
 
     from dfj import prompts
     from dfj.testing import write_processor
-    from dfj.training import _batch
+    from dfj.training import _batch, _collate, _encode
 
     write_processor(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)
@@ -172,17 +172,15 @@ def test_training_batches_mark_exactly_the_target_tokens(tmp_path):
     for row, ids in enumerate(expected):  # position p predicts the token at p + 1
         picked = positions[positions[:, 0] == row, 1] + 1
         assert inputs["input_ids"][row, picked].tolist() == ids
-    # A cached encoding is reused by key (the base phase draws each example about 13 times), and
-    # a batch built from the cache is the batch built afresh.
-    cache: dict = {}
-    _batch(processor, chats, targets, [image, image], keys=["x", "y"], cache=cache)
-    assert set(cache) == {"x", "y"}
-    again = _batch(processor, chats[::-1], targets[::-1], [image, image], keys=["y", "x"], cache=cache)
+    # The base phase encodes each pooled example once and collates it on each draw: a batch collated
+    # from kept encodings, in any order and again, is the batch built afresh.
+    rows = [_encode(processor, chat, target, image) for chat, target in zip(chats, targets)]
+    pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    _collate(rows, pad)
+    again = _collate(rows[::-1], pad)
     fresh = _batch(processor, chats[::-1], targets[::-1], [image, image])
     assert again[0].keys() == fresh[0].keys() and all(torch.equal(again[0][k], fresh[0][k]) for k in fresh[0])
     assert torch.equal(again[1], fresh[1]) and torch.equal(again[2], fresh[2])
-    cache["x"] = cache["y"]  # proof that the cache is read, not re-encoded
-    assert _batch(processor, chats[:1], targets[:1], [image], keys=["x"], cache=cache)[2].tolist() == expected[1]
     with pytest.raises(ValueError, match="merge with the prompt"):
         _batch(processor, [chats[0] + "ans"], ["wer<|im_end|>"], [image])
 
