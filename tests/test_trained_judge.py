@@ -79,8 +79,8 @@ def test_issue_7_remaining_criteria(metrics):
        measured (metrics.json), it is at chance on those pairs with or without the image.
     2. Training both judges within 15 minutes on 2 cores. Three builds of this recipe on this
        machine (v10 twice, v11), identical weights and verdicts, took 891 s, 954 s and 1,243 s: the
-       budget is met or missed by the machine's load, so it is held here, not in a test of its own that a slow run would fail;
-       `test_training_time_stays_in_its_measured_range` guards regressions.
+       budget is met or missed by the machine's load, so it is held here, not in a test of its own
+       that a slow run would fail; `test_training_time_stays_in_its_measured_range` guards regressions.
     """
     pair = metrics["pairwise"]
     assert pair["blank_image"]["accuracy"] <= pair["with_image"]["accuracy"] - 0.05, pair
