@@ -219,3 +219,71 @@ def quiet_transformers():
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
+
+
+# Added tokens that are chat or media structure: those marked special, and every `<|…|>`-shaped one
+# (llama.cpp's rule: Qwen2.5's `<|fim_prefix|>` … `<|file_sep|>` are added tokens not marked special,
+# which llama.cpp makes control tokens on load). Text from a detector never becomes one of them.
+_CONTROL_SHAPE = re.compile(r"<\|[^\s|]+\|>")
+
+
+def is_control_token(content: str, special: bool) -> bool:
+    return special or bool(_CONTROL_SHAPE.fullmatch(content))
+
+
+class ChatEncoder:
+    """Tokenizes a chat made by `dfj.prompts.render_chat` for a Qwen2.5-VL processor.
+
+    The chat template's own text keeps its control tokens; the user's prompt (label and detector
+    responses) is tokenized as plain text by a copy of the tokenizer that treats every control token
+    as special and special-token strings as ordinary text. Text between control tokens is tokenized
+    on its own either way, so a prompt without such strings gets exactly the ids the processor gives
+    the whole chat.
+    """
+
+    def __init__(self, processor) -> None:
+        from tokenizers import Tokenizer
+
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        for added in spec["added_tokens"]:
+            added["special"] = is_control_token(added["content"], added["special"])
+        self.plain = Tokenizer.from_str(json.dumps(spec))
+        self.plain.encode_special_tokens = True
+        self.control_ids = frozenset(a["id"] for a in spec["added_tokens"] if a["special"])
+        self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Trusted text (the template's): special-token strings are control tokens."""
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Untrusted text: special-token strings are ordinary characters."""
+        return self.plain.encode(text, add_special_tokens=False).ids
+
+    def tokenize_chat(self, chat: str) -> list[int]:
+        """The chat's ids, its one image pad not expanded."""
+        from dfj.prompts import split_chat
+
+        head, prompt, rest = split_chat(chat)
+        return self.tokenize(head) + self.tokenize_plain(prompt) + self.tokenize(rest)
+
+    def encode(self, image, chat: str) -> dict[str, Any]:
+        """Every processor output for (image, chat), the prompt's ids spliced in as plain text."""
+        import torch
+
+        from dfj.prompts import split_chat
+
+        head, prompt, rest = split_chat(chat)
+        inputs = self.processor(text=[head + rest], images=[image], return_tensors="pt")
+        ids = inputs["input_ids"]
+        # head ends with the image block: its tokens are head's, the one pad expanded to the image's.
+        at = len(self.tokenize(head)) - 1 + int((ids[0] == self.image_pad_id).sum())
+        plain = torch.tensor([self.tokenize_plain(prompt)], dtype=ids.dtype)
+        spliced = {"input_ids": plain, "attention_mask": torch.ones_like(plain), "mm_token_type_ids": torch.zeros_like(plain)}
+        out = dict(inputs)
+        for key, middle in spliced.items():
+            if key in inputs:
+                out[key] = torch.cat([inputs[key][:, :at], middle.to(inputs[key].dtype), inputs[key][:, at:]], dim=1)
+        return out

@@ -130,6 +130,13 @@ class Judge:
             return None
         return tokenized[0][: shared + 1], shared, [ids[shared] for ids in tokenized]
 
+    def prompt_ids(self, image: ImageInput, label: str, *responses: str) -> list[int]:
+        """The token ids the runtime runs for this judge call (each image token as `<|image_pad|>`), for
+        inspection: the responses are plain text in them, so the only control tokens are the chat
+        template's, whatever a response holds."""
+        pil, chat = self._prepare(image, label, responses)
+        return self.runtime.prompt_ids(pil, chat)
+
     def logprobs(self, image: ImageInput, label: str, *responses: str, continuation: str) -> np.ndarray:
         """Teacher-forced log-probabilities (continuation tokens x vocabulary) of `continuation` after
         the judge prompt: the basis of logit-level parity (KL divergence) between runtimes."""
@@ -251,7 +258,7 @@ class Judge:
         height, width = smart_resize(image.height, image.width, self.runtime.limits)
         image_tokens = (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
         # The chat holds one <|image_pad|> that the processor expands to the image's tokens.
-        needed = len(self.runtime.tokenize(chat)) - 1 + image_tokens + self.new_token_limit
+        needed = len(self.runtime.tokenize_chat(chat)) - 1 + image_tokens + self.new_token_limit
         if needed > context:
             raise ValueError(
                 f"prompt is too long: {needed - self.new_token_limit} tokens (image {image_tokens}) plus "

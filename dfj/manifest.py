@@ -30,6 +30,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     prompt_templates: dict[str, str] = field(default_factory=dict)  # mode -> sha256
+    prompt_tokenization: str = ""  # how its judge calls are tokenized (`prompts.PROMPT_TOKENIZATION`)
     pixels: dict[str, int] = field(default_factory=dict)  # min_pixels / max_pixels
     parity: dict[str, Any] = field(default_factory=dict)  # measured against the source, if checked
     extra: dict[str, Any] = field(default_factory=dict)
@@ -49,11 +50,11 @@ class Manifest:
     def for_judge(cls, mode: str, format: str, source: dict[str, Any], limits=None, **fields: Any) -> "Manifest":
         """A manifest for a judge artifact: records this dfj's prompt-template hashes and the pixel limits."""
         from dfj.images import PixelLimits
-        from dfj.prompts import MODES, template_sha256
+        from dfj.prompts import MODES, PROMPT_TOKENIZATION, template_sha256
 
         limits = limits or PixelLimits()
         return cls(mode=mode, format=format, source=source,
-                   prompt_templates={m: template_sha256(m) for m in MODES},
+                   prompt_templates={m: template_sha256(m) for m in MODES}, prompt_tokenization=PROMPT_TOKENIZATION,
                    pixels={"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels}, **fields)
 
     def to_json(self) -> str:

@@ -19,6 +19,13 @@ POINTWISE_PLACEHOLDERS = ("ground_truth_label", "candidate_response")
 PAIRWISE_PLACEHOLDERS = ("ground_truth_label", "response_a", "response_b")
 PLACEHOLDERS = {"pointwise": POINTWISE_PLACEHOLDERS, "pairwise": PAIRWISE_PLACEHOLDERS}
 
+# How every runtime tokenizes a judge call, recorded in each manifest. A deliberate deviation from
+# the DFJ reference scripts, which tokenize the whole chat with special tokens recognised anywhere, so
+# that a detector's response can close the user's turn and forge the judge's answer: dfj keeps the
+# chat template's control tokens and tokenizes the user's prompt (label, responses) as plain text
+# (`split_chat`). A response without special-token strings gets the reference's ids exactly.
+PROMPT_TOKENIZATION = "template-control-tokens; prompt-as-plain-text"
+
 # The reference decoding limits (DeepfakeJudge inference scripts).
 MAX_NEW_TOKENS = {"pointwise": 512, "pairwise": 128}
 
@@ -114,6 +121,33 @@ def render_chat(prompt: str, add_generation_prompt: bool = True) -> str:
     return _compiled_chat_template().render(
         messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=False
     )
+
+
+def split_chat(chat: str) -> tuple[str, str, str]:
+    """(head, prompt, rest) of a chat made by `render_chat`: the template's text up to and including the
+    image block, the user's prompt, and the template's closing text (plus any continuation a caller
+    appended after it, such as a teacher-forced judge output).
+
+    Only head and rest are chat structure. The prompt holds the label and the detector's responses,
+    which are untrusted: runtimes tokenize it as plain text, so `<|im_end|>` written in a response is
+    seven ordinary tokens, never the end of the user's turn. (The DFJ reference scripts tokenize the
+    whole chat with special tokens recognised, so a response can forge a turn there; dfj deviates.)
+    Neither head nor rest can be forged by a prompt: head is a prefix, and rest starts at the *last*
+    occurrence of the template's closing text.
+    """
+    head, closing = _chat_frame()
+    end = chat.rfind(closing)
+    if not chat.startswith(head) or end < len(head):
+        raise ValueError("not a chat made by dfj.prompts.render_chat (one user turn: the image, then the prompt)")
+    return head, chat[len(head):end], chat[end:]
+
+
+@lru_cache(maxsize=None)
+def _chat_frame() -> tuple[str, str]:
+    """The chat template's text before and after the user's prompt."""
+    marker = "\x00"  # never in a judged prompt: responses holding a NUL are refused
+    head, closing = render_chat(marker).split(marker)
+    return head, closing
 
 
 def parse_prompt(mode: str, prompt: str) -> dict[str, str] | None:

@@ -86,11 +86,35 @@ def test_tokenizer_matches_torch_on_varied_strings(gguf, judges):
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_a_forged_response_is_plain_text_to_llamacpp_as_to_torch(gguf, judges, records, mode):
+    """llama.cpp tokenizes the response with parse_special off: the same ids as the torch runtime, only
+    the template's control tokens, and the same verdict."""
+    from bad_inputs import FORGED_TURN, every_added_token
+    from dfj.testing import trained_tiny_judge
+
+    ours = judges(gguf[mode, "f32"])
+    theirs = judges(trained_tiny_judge(mode), dtype="float32")
+    record = records[mode][0]
+    hostile = every_added_token(theirs.runtime.processor.tokenizer)
+    responses = (record.responses()[0] + " " + hostile,) if mode == "pointwise" else (FORGED_TURN, hostile)
+    control = theirs.runtime.chat.control_ids - {theirs.runtime.chat.image_pad_id}
+    ids = ours.prompt_ids(record.image, record.label, *responses)
+    assert ids == theirs.prompt_ids(record.image, record.label, *responses)
+    assert [i for i in ids if i in control] == [i for i in ours.prompt_ids(record.image, record.label, *record.responses())
+                                                if i in control]
+    if mode == "pointwise":
+        got, expected = (j.score(record.image, record.label, *responses) for j in (ours, theirs))
+        assert (got.text, got.score, got.error) == (expected.text, expected.score, expected.error)
+    else:
+        got, expected = (j.compare(record.image, record.label, *responses) for j in (ours, theirs))
+        assert got.choice == expected.choice and abs(got.p_a - expected.p_a) <= 1e-3, (got, expected)
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
 def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records, mode):
     from dfj import prompts
     from dfj.images import load_image
     from dfj.testing import trained_tiny_judge
-    from dfj.tokenizer_assets import IMAGE_PAD_ID
 
     ours = judges(gguf[mode, "f32"]).runtime
     theirs = judges(trained_tiny_judge(mode), dtype="float32").runtime
@@ -98,7 +122,7 @@ def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records,
         image = fit_to_grid(load_image(record.image), ours.limits)
         chat = prompts.render_chat(prompts.render(mode, record.label, *record.responses()))
         expected = theirs.encode(image, chat)["input_ids"][0].tolist()
-        assert ours.prompt_ids(image, chat, IMAGE_PAD_ID) == expected
+        assert ours.prompt_ids(image, chat) == expected
 
 
 @pytest.mark.parametrize("size", [(84, 112), (300, 120), (56, 560), (448, 336)], ids=lambda s: f"{s[0]}x{s[1]}")

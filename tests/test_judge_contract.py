@@ -36,6 +36,12 @@ class ScriptedRuntime(Runtime):
     def tokenize(self, text):
         return [ord(c) for c in text]
 
+    def tokenize_plain(self, text):
+        return self.tokenize(text)
+
+    def prompt_ids(self, image, chat):
+        return self.tokenize_chat(chat)
+
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 

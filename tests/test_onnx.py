@@ -26,6 +26,31 @@ def onnx_fp32(tiny, module_dir):
     return {mode: export(tiny(mode, adapter=True), root / f"{mode}-fp32", "onnx-fp32") for mode in ("pointwise", "pairwise")}
 
 
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_a_forged_response_is_plain_text_to_onnx_as_to_torch(onnx_fp32, merged, judges, mode):
+    """The ONNX runtime tokenizes the chat as the torch runtime does: the same ids, only the template's
+    control tokens, and the same verdict."""
+    from bad_inputs import FORGED_TURN, every_added_token
+
+    ours = judges(onnx_fp32[mode], max_new_tokens=NEW_TOKENS)
+    theirs = judges(merged(mode), max_new_tokens=NEW_TOKENS)
+    assert ours.runtime.name == "onnx"
+    image = _image(140, 112, seed=3)
+    hostile = every_added_token(theirs.runtime.processor.tokenizer)
+    responses = (hostile,) if mode == "pointwise" else (FORGED_TURN, hostile)
+    benign = ("a plain response",) * len(responses)
+    control = theirs.runtime.chat.control_ids - {theirs.runtime.chat.image_pad_id}
+    ids = ours.prompt_ids(image, "fake", *responses)
+    assert ids == theirs.prompt_ids(image, "fake", *responses)
+    assert [i for i in ids if i in control] == [i for i in ours.prompt_ids(image, "fake", *benign) if i in control]
+    if mode == "pointwise":
+        got, expected = (j.score(image, "fake", *responses) for j in (ours, theirs))
+        assert (got.text, got.error) == (expected.text, expected.error)
+    else:
+        got, expected = (j.compare(image, "fake", *responses) for j in (ours, theirs))
+        assert got.choice == expected.choice and abs(got.p_a - expected.p_a) <= 1e-4, (got, expected)
+
+
 @pytest.fixture(scope="module")
 def varied_split(module_dir):
     """Ten records on five images of different sizes and aspect ratios, per mode."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dfj import prompts
 from dfj.images import PixelLimits
 
 
@@ -29,6 +30,21 @@ class Runtime(ABC):
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of plain text (special-token strings recognised), no image expansion."""
+
+    @abstractmethod
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Token ids of untrusted text (the user's prompt: label and detector responses): special-token
+        strings are ordinary characters, never control tokens."""
+
+    def tokenize_chat(self, chat: str) -> list[int]:
+        """Token ids of a chat made by `prompts.render_chat`, its one image pad not expanded: the
+        template's text with its control tokens, the user's prompt as plain text."""
+        head, prompt, rest = prompts.split_chat(chat)
+        return self.tokenize(head) + self.tokenize_plain(prompt) + self.tokenize(rest)
+
+    @abstractmethod
+    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
+        """The token ids this runtime runs for (image, chat), each image token as `<|image_pad|>`."""
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str:

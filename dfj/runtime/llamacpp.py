@@ -1,11 +1,12 @@
 """The llama.cpp backend: a dfj GGUF artifact (text GGUF + mmproj) through llama-cpp-python.
 
-The chat is the one `dfj.prompts` renders for every runtime; its image block becomes mtmd's media
-marker, mtmd encodes the image and places its embeddings with Qwen2.5-VL's M-RoPE positions, and
-the text runs through llama.cpp's own tokenizer and decoder (low-level API: no `Llama` object,
-whose per-position score buffer would cost n_ctx x vocab floats). The image arrives already at its
-model size (`dfj.images.fit_to_grid`), and the mtmd token limits are the judge's pixel limits, so
-mtmd copies it without resampling.
+The chat is the one `dfj.prompts` renders for every runtime. mtmd tokenizes the template's head,
+whose image block becomes its media marker, encodes the image and places its embeddings with
+Qwen2.5-VL's M-RoPE positions; the user's prompt follows as plain text (parse_special off: no control
+tokens from a response). The text runs through llama.cpp's own tokenizer and decoder (low-level API:
+no `Llama` object, whose per-position score buffer would cost n_ctx x vocab floats). The image arrives
+already at its model size (`dfj.images.fit_to_grid`), and the mtmd token limits are the judge's pixel
+limits, so mtmd copies it without resampling.
 
 One KV sequence is kept between calls: a prompt that starts with the tokens already evaluated for
 the same image (the records of one image and label) only runs what follows them. Image embeddings
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dfj import prompts
 from dfj.images import PixelLimits, fit_to_grid
 from dfj.runtime.base import Runtime
 
@@ -143,6 +145,7 @@ class LlamaCppRuntime(Runtime):
             raise RuntimeError(f"llama.cpp (mtmd) could not load {folder / MMPROJ_FILE}")
         self.normalizer = _normalizer(folder) if normalizer == "manifest" else normalizer
         self.stop_ids = {self.tokenize(t)[0] for t in STOP_TOKENS}
+        self.image_pad_id = self.tokenize("<|image_pad|>")[0]
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
         self._state: _KvState | None = None
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> mmproj output
@@ -192,11 +195,17 @@ class LlamaCppRuntime(Runtime):
         return unicodedata.normalize(self.normalizer, text) if self.normalizer else text
 
     def tokenize(self, text: str) -> list[int]:
+        return self._tokenize(text, parse_special=True)
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        return self._tokenize(text, parse_special=False)
+
+    def _tokenize(self, text: str, parse_special: bool) -> list[int]:
         data = self._normalized(text).encode("utf-8")
         size = len(data) + 8
         while True:
             out = (self.llama_cpp.llama_token * size)()
-            n = self.llama_cpp.llama_tokenize(self.vocab, data, len(data), out, size, False, True)
+            n = self.llama_cpp.llama_tokenize(self.vocab, data, len(data), out, size, False, parse_special)
             if n >= 0:
                 return list(out[:n])
             size = -n
@@ -215,8 +224,11 @@ class LlamaCppRuntime(Runtime):
 
     # -- prompt ----------------------------------------------------------------------------------
     def _prompt(self, image: Image.Image, chat: str) -> _Prompt:
-        if chat.count(IMAGE_BLOCK) != 1:
-            raise ValueError(f"the chat must hold exactly one image block {IMAGE_BLOCK!r}")
+        # mtmd tokenizes only the template's head (its image block becomes the image chunk); the
+        # user's prompt follows as plain text, so a response cannot add control tokens or images.
+        head_text, prompt_text, rest_text = prompts.split_chat(chat)
+        if not head_text.endswith(IMAGE_BLOCK) or head_text.count(IMAGE_BLOCK) != 1:
+            raise ValueError(f"the chat template's head must end with its one image block {IMAGE_BLOCK!r}")
         image = fit_to_grid(image, self.limits)
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         image_key = hashlib.sha256(rgb.tobytes()).hexdigest() + f":{image.width}x{image.height}"
@@ -225,7 +237,7 @@ class LlamaCppRuntime(Runtime):
         chunks = self.mtmd.mtmd_input_chunks_init()
         try:
             text = self.mtmd.mtmd_input_text()
-            data = self._normalized(chat.replace(IMAGE_BLOCK, self.marker.decode())).encode("utf-8")
+            data = self._normalized(head_text.replace(IMAGE_BLOCK, self.marker.decode())).encode("utf-8")
             text.text, text.text_len, text.add_special, text.parse_special = data, len(data), False, True
             bitmaps = (self.mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
             status = self.mtmd.mtmd_tokenize(self.vision, chunks, ctypes.byref(text), bitmaps, 1)
@@ -246,6 +258,7 @@ class LlamaCppRuntime(Runtime):
                     raise RuntimeError("mtmd made more than one image chunk")
             if image_chunk is None:
                 raise RuntimeError("mtmd made no image chunk")
+            tail.extend(self.tokenize_plain(prompt_text) + self.tokenize(rest_text))
         except BaseException:
             self.mtmd.mtmd_input_chunks_free(chunks)
             raise
@@ -254,13 +267,14 @@ class LlamaCppRuntime(Runtime):
         return _Prompt(head, tail, self.mtmd.mtmd_input_chunk_get_n_tokens(image_chunk),
                        self.mtmd.mtmd_input_chunk_get_n_pos(image_chunk), image_key, chunks, image_chunk)
 
-    def prompt_ids(self, image: Image.Image, chat: str, image_token_id: int) -> list[int]:
-        """The prompt as one id list, each image token shown as `image_token_id` (as transformers' processor)."""
-        return self._with_prompt(image, chat, lambda p: p.head + [image_token_id] * p.image_tokens + p.tail)
+    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
+        """The prompt as one id list, each image token shown as `<|image_pad|>` (as transformers' processor)."""
+        pad = self.image_pad_id
+        return self._with_prompt(image, chat, lambda p: p.head + [pad] * p.image_tokens + p.tail)
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """(image tokens, hidden) embeddings of the mmproj for `image` (after the shared resize)."""
-        return self._with_prompt(image, IMAGE_BLOCK, lambda prompt: self._encode(prompt).copy())
+        return self._with_prompt(image, prompts.render_chat(""), lambda prompt: self._encode(prompt).copy())
 
     def _encode(self, prompt: _Prompt) -> np.ndarray:
         """The mmproj output for the prompt's image, from the cache when this image was seen."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dfj.hf import ChatEncoder
 from dfj.images import PixelLimits
 from dfj.runtime.base import Runtime
 
@@ -72,6 +73,7 @@ class OnnxRuntime(Runtime):
         self.device = device
         self.limits = limits
         processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
+        self.chat = ChatEncoder(processor)
         tokenizer = processor.tokenizer
         self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")})
         self.context_length = int(config.get_text_config().max_position_embeddings)
@@ -116,7 +118,13 @@ class OnnxRuntime(Runtime):
 
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.chat.tokenize(text)
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        return self.chat.tokenize_plain(text)
+
+    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
+        return self.chat.encode(image, chat)["input_ids"][0].tolist()
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
@@ -129,7 +137,7 @@ class OnnxRuntime(Runtime):
 
         With `prefix_chars`, the image embeddings and the KV state of `chat[:prefix_chars]` (shared by
         the records of one image and label) come from this runtime's caches when seen before."""
-        inputs = self.processor(text=[chat], images=[image], return_tensors="pt")
+        inputs = self.chat.encode(image, chat)
         ids = inputs["input_ids"]
         types = inputs["mm_token_type_ids"]
         if extra_ids:
@@ -211,7 +219,7 @@ class OnnxRuntime(Runtime):
 
     def prompt_logits(self, image: Image.Image, chat: str, positions: int = 24) -> np.ndarray:
         """Logits at the last `positions` positions of `chat` (the export parity probe)."""
-        ids_length = len(self.tokenize(chat)) - 1 + self._image_tokens(image)
+        ids_length = len(self.tokenize_chat(chat)) - 1 + self._image_tokens(image)
         index = np.arange(ids_length - positions, ids_length, dtype=np.int64)
         logits, *_ = self._prefill(image, chat, [], index)
         return logits[0]
@@ -247,7 +255,7 @@ class OnnxRuntime(Runtime):
         return self._teacher_forced(image, chat, ids, None)
 
     def _teacher_forced(self, image, chat, ids, prefix_chars) -> np.ndarray:
-        prompt_length = len(self.tokenize(chat)) - 1 + self._image_tokens(image)
+        prompt_length = len(self.tokenize_chat(chat)) - 1 + self._image_tokens(image)
         index = np.arange(prompt_length - 1, prompt_length - 1 + len(ids), dtype=np.int64)
         logits, *_ = self._prefill(image, chat, list(ids), index, prefix_chars)
         logits = torch.from_numpy(logits[0]).float()

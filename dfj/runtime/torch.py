@@ -30,6 +30,7 @@ class TorchRuntime(Runtime):
         image_processor = processor.image_processor
         # The judge's pixel limits, not whatever the base checkpoint's processor file says.
         image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
+        self.chat = hf.ChatEncoder(processor)
         tokenizer = processor.tokenizer
         self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")})
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -56,11 +57,17 @@ class TorchRuntime(Runtime):
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, image: Image.Image, chat: str) -> dict[str, torch.Tensor]:
-        inputs = self.processor(text=[chat], images=[image], return_tensors="pt")
+        inputs = self.chat.encode(image, chat)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     def tokenize(self, text: str) -> list[int]:
-        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.chat.tokenize(text)
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        return self.chat.tokenize_plain(text)
+
+    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
+        return self.chat.encode(image, chat)["input_ids"][0].tolist()
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
