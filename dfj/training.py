@@ -98,7 +98,7 @@ def _collate(rows: list, pad: int):
 
 def _loss(model, inputs, positions, labels, vocab=None, head=None):
     """Cross-entropy at the target positions: over `vocab` (sorted token ids) only, if given; else over
-    the full vocabulary through `head`, a frozen bf16 copy of the output head (`_full_head_loss`)."""
+    the full vocabulary through `head`, a frozen copy of the output head in `head_dtype()` (`_full_head_loss`)."""
     import torch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -110,9 +110,27 @@ def _loss(model, inputs, positions, labels, vocab=None, head=None):
     return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels))
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which bf16 products are emulated, not native.
+_EMULATED_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def head_dtype():
+    """The judge phase's output-head dtype: bf16 where the CPU multiplies bf16 natively (AVX512_BF16 or
+    AMX), else fp32. Measured, one thread, the head product (300 x 256 @ 256 x 151,936): AMX bf16
+    0.16 s, AVX512_BF16 0.53 s, fp32 0.56 s; emulated bf16 1.6 s on AVX-512 without BF16 and 3.0 s on
+    AVX2, where a bf16 head would stretch the first training from minutes to hours."""
+    import os
+
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _EMULATED_BF16_ISAS
+    return torch.bfloat16 if native and not capped else torch.float32
+
+
 def _head_cross_entropy(hidden, head, labels):
-    """Mean cross-entropy of `labels` under logits `hidden @ head.T`: the product in bf16 (the head's
-    dtype), the softmax in fp32, as mixed-precision training does on GPUs."""
+    """Mean cross-entropy of `labels` under logits `hidden @ head.T`: the product in the head's dtype
+    (bf16 where native, `head_dtype`), the softmax in fp32, as mixed-precision training does on GPUs."""
     import torch
 
     return torch.nn.functional.cross_entropy((hidden.to(head.dtype) @ head.T).float(), labels)
@@ -230,7 +248,7 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
     golds = _gold_texts(split_dir)
     images: dict[str, object] = {}
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    head = peft_model.get_base_model().lm_head.weight.detach().to(torch.bfloat16)  # frozen: not a LoRA target
+    head = peft_model.get_base_model().lm_head.weight.detach().to(head_dtype())  # frozen: not a LoRA target
     lr = settings.judge_lr[split.mode]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     peft_model.train()
@@ -362,7 +380,9 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
             write_manifest(adapter, Manifest.for_judge(
                 mode, "adapter", {"kind": "dfj.training", "version": TRAINED_VERSION, "seed": settings.seed}))
         timings["train_total_s"] = time.perf_counter() - started
-        metrics = {"timings": timings, "settings": settings.__dict__}
+        metrics = {"timings": timings, "settings": settings.__dict__,
+                   "machine": {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                               "head_dtype": str(head_dtype()).removeprefix("torch."), "threads": torch.get_num_threads()}}
         for mode in prompts.MODES:
             t0 = time.perf_counter()
             metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test")
