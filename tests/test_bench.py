@@ -77,13 +77,11 @@ def test_report_schema_markdown_and_figure(first_run):
 
 def test_gate_fails_past_tolerance_and_reuses_the_cache(setup, first_run):
     _, folder, _ = first_run
-    started = time.perf_counter()
     result = runner.invoke(app, _args(setup, folder, "--tolerance", "kld=0"))
     assert result.exit_code == 1
     assert "out of tolerance: merged-bf16: kld: mean" in result.output
     report = json.loads((folder / "report.json").read_text())
     assert not report["passed"] and report["tolerance"]["kld"] == 0
-    assert time.perf_counter() - started < 60  # verdicts came from the cache, no judging
     for stats in folder.glob("cache/*/stats.json"):
         assert json.loads(stats.read_text())["judged_this_run"] == 0
     result = runner.invoke(app, _args(setup, folder, "--tolerance", "speed=1"))
