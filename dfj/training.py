@@ -138,7 +138,7 @@ def _head_cross_entropy(hidden, head, labels):
 
 @functools.cache
 def _full_head_loss():
-    """`_head_cross_entropy`, compiled when a C++ compiler is present.
+    """`_head_cross_entropy`, compiled when a C++ compiler is present and ATen has vector kernels.
 
     The judge phase's cost is the 152k-token head at every target position: in eager mode the logits,
     their fp32 copy, the log-softmax and its gradient are each a pass over a 40M-element tensor. The
@@ -147,7 +147,10 @@ def _full_head_loss():
     """
     import torch
 
-    if any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+    # Where ATen runs its scalar kernels (no vector ISA, or ATEN_CPU_CAPABILITY=default), inductor still
+    # emits vector code but builds it without the vector headers, and the compile fails (torch 2.14.1).
+    vector_isa = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    if vector_isa and any(shutil.which(name) for name in ("g++", "c++", "clang++")):
         return torch.compile(_head_cross_entropy, dynamic=True)
     return _head_cross_entropy
 

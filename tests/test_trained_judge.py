@@ -263,3 +263,19 @@ def test_the_head_runs_in_bf16_only_where_the_cpu_multiplies_bf16_natively(monke
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert head_dtype() == torch.float32
+
+
+def test_the_head_loss_is_compiled_only_where_inductor_can_build_it(monkeypatch):
+    """With ATen on its scalar kernels (ATEN_CPU_CAPABILITY=default, or a CPU without AVX2), inductor's
+    vector code for the head loss does not compile: training then runs the loss eagerly."""
+    import shutil
+
+    import torch
+
+    from dfj.training import _full_head_loss, _head_cross_entropy
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert _full_head_loss.__wrapped__() is _head_cross_entropy
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    compiled = _full_head_loss.__wrapped__()
+    assert (compiled is not _head_cross_entropy) == bool(shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
