@@ -228,7 +228,7 @@ def trained_tiny_root(seed: int = 0) -> Path:
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build
         if not (root / "metrics.json").is_file():
-            print(f"dfj: training the tiny DFJ judges into {root} (once per machine, about 19 minutes on 2 cores: 15 training, 4 evaluating)")
+            print(f"dfj: training the tiny DFJ judges into {root} (once per machine: about 15 minutes on 2 cores with AMX, longer on CPUs without native bf16)")
             build_trained_judges(root, TrainSettings(seed=seed))
     return root
 

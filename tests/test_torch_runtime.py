@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dfj import prompts
 from dfj.data import read_split
 
 pytestmark = pytest.mark.slow
@@ -90,7 +91,7 @@ def test_images_are_resized_with_the_training_limits(tiny, judges):
     size = judge.runtime.processor.image_processor.size
     assert (size["shortest_edge"], size["longest_edge"]) == (3136, 1003520)
     big = Image.new("RGB", (2000, 1500), (5, 6, 7))
-    grid = judge.runtime.encode(big, "<|vision_start|><|image_pad|><|vision_end|>")["image_grid_thw"][0].tolist()
+    grid = judge.runtime.encode(big, prompts.render_chat("Describe the image."))["image_grid_thw"][0].tolist()
     from dfj.images import smart_resize
 
     h, w = smart_resize(1500, 2000)

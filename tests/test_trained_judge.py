@@ -1,8 +1,8 @@
 """The trained tiny judges (issue: quality numbers that mean something without the real weights).
 
-The first run on a machine trains them (about 19 minutes on 2 cores, evaluation included) into the
-dfj cache; later runs reuse them. The metrics are measured here, on the held-out synthetic test
-split, with greedy verdicts.
+The first run on a machine trains them (about 15 minutes on 2 cores with AMX, evaluation included)
+into the dfj cache; later runs reuse them. The metrics are measured here, on the held-out synthetic
+test split, with greedy verdicts.
 """
 
 import json
