@@ -29,7 +29,8 @@ class Runtime(ABC):
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of plain text (special-token strings recognised), no image expansion."""
+        """Token ids of trusted text (the template's, or a judge's own output): special-token strings are
+        control tokens; no image expansion."""
 
     @abstractmethod
     def tokenize_plain(self, text: str) -> list[int]:
