@@ -253,6 +253,10 @@ class ChatEncoder:
         self.plain.encode_special_tokens = True
         self.control_ids = frozenset(a["id"] for a in spec["added_tokens"] if a["special"])
         self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        # The chat head (ending with the image block) is the same for every call: its token count once.
+        from dfj.prompts import render_chat, split_chat
+
+        self.head_tokens = len(self.tokenize(split_chat(render_chat(""))[0]))
 
     def tokenize(self, text: str) -> list[int]:
         """Trusted text (the template's): special-token strings are control tokens."""
@@ -261,13 +265,6 @@ class ChatEncoder:
     def tokenize_plain(self, text: str) -> list[int]:
         """Untrusted text: special-token strings are ordinary characters."""
         return self.plain.encode(text, add_special_tokens=False).ids
-
-    def tokenize_chat(self, chat: str) -> list[int]:
-        """The chat's ids, its one image pad not expanded."""
-        from dfj.prompts import split_chat
-
-        head, prompt, rest = split_chat(chat)
-        return self.tokenize(head) + self.tokenize_plain(prompt) + self.tokenize(rest)
 
     def encode(self, image, chat: str) -> dict[str, Any]:
         """Every processor output for (image, chat), the prompt's ids spliced in as plain text."""
@@ -279,7 +276,7 @@ class ChatEncoder:
         inputs = self.processor(text=[head + rest], images=[image], return_tensors="pt")
         ids = inputs["input_ids"]
         # head ends with the image block: its tokens are head's, the one pad expanded to the image's.
-        at = len(self.tokenize(head)) - 1 + int((ids[0] == self.image_pad_id).sum())
+        at = self.head_tokens - 1 + int((ids[0] == self.image_pad_id).sum())
         plain = torch.tensor([self.tokenize_plain(prompt)], dtype=ids.dtype)
         spliced = {"input_ids": plain, "attention_mask": torch.ones_like(plain), "mm_token_type_ids": torch.zeros_like(plain)}
         out = dict(inputs)

@@ -31,6 +31,14 @@ def encoder(processor):
     return ChatEncoder(processor)
 
 
+def tokenize_chat(encoder, chat: str) -> list[int]:
+    """`Runtime.tokenize_chat` itself, on the encoder's tokenize / tokenize_plain (what the torch and
+    ONNX runtimes delegate to)."""
+    from dfj.runtime.base import Runtime
+
+    return Runtime.tokenize_chat(encoder, chat)
+
+
 def control_tokens(encoder, ids: list[int]) -> list[int]:
     return [i for i in ids if i in encoder.control_ids and i != encoder.image_pad_id]
 
@@ -50,7 +58,7 @@ def test_the_control_tokens_are_the_templates_whatever_a_response_holds(processo
         # The response is still there, character for character: plain text, not dropped or escaped.
         _, prompt, _ = prompts.split_chat(chat)
         assert processor.tokenizer.decode(encoder.tokenize_plain(prompt)) == prompt
-        assert encoder.tokenize_chat(chat).count(encoder.image_pad_id) == 1
+        assert tokenize_chat(encoder, chat).count(encoder.image_pad_id) == 1
 
 
 def test_the_unsafe_tokenization_would_have_let_the_forged_turn_through(processor, encoder):
@@ -81,7 +89,7 @@ def test_a_response_without_control_strings_gets_exactly_the_processors_ids(proc
         got = encoder.encode(IMAGE, chat)
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[key], expected[key]) for key in expected), mode
-        assert encoder.tokenize_chat(chat) == processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
+        assert tokenize_chat(encoder, chat) == processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
 
 def test_split_chat_takes_the_last_closing_and_refuses_other_text():
