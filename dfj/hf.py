@@ -50,8 +50,14 @@ def checkpoint_dtype(folder: Path) -> str:
     return str(value or "float32")
 
 
-def load_model(folder: Path, dtype=None, device: str = "cpu"):
-    """Load a Qwen2.5-VL checkpoint; refuse it if any weight the model needs is missing from it."""
+def load_model(folder: Path, dtype=None, device: str = "cpu", *, offload_folder: Path | None = None):
+    """Load a Qwen2.5-VL checkpoint; refuse it if any weight the model needs is missing from it.
+
+    With `offload_folder` (CPU only), the big layers (vision blocks, decoder layers, embedding, head)
+    stay on disk and accelerate's hooks read each one in when the forward reaches it, from the
+    checkpoint's own safetensors where the dtype matches (else from copies in `offload_folder`): a
+    forward then holds about one layer, however deep the model.
+    """
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -61,6 +67,10 @@ def load_model(folder: Path, dtype=None, device: str = "cpu"):
     if not any(folder.glob("*.safetensors")):
         raise ArtifactError(f"{folder}: no .safetensors weights (pickle checkpoints are never loaded)")
     extra: dict[str, Any] = {}
+    if offload_folder is not None:
+        if device != "cpu":
+            raise ValueError("layers streamed from disk need device='cpu'")
+        extra.update(device_map=streamed_device_map(folder), offload_folder=str(offload_folder))
     quantization = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     if quantization.get("quant_method") == "gptq":
         extra["quantization_config"] = gptq_load_config(quantization, device)
@@ -82,7 +92,27 @@ def load_model(folder: Path, dtype=None, device: str = "cpu"):
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
         raise ArtifactError(f"{folder}: checkpoint weights have the wrong shape: {mismatched[:3]}")
-    return model.to(device).eval()
+    return (model if offload_folder is not None else model.to(device)).eval()
+
+
+def streamed_device_map(folder: Path) -> dict[str, str]:
+    """accelerate device map that leaves every big module on disk and the small glue in memory (the
+    hooks need one module on the CPU to know where to run)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    with init_empty_weights():
+        model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+    device_map: dict[str, str] = {}
+    for prefix, container in (("model.visual", model.model.visual), ("model.language_model", model.model.language_model)):
+        for name, child in container.named_children():
+            if isinstance(child, torch.nn.ModuleList):
+                device_map.update({f"{prefix}.{name}.{i}": "disk" for i in range(len(child))})
+            else:
+                device_map[f"{prefix}.{name}"] = "disk" if name == "embed_tokens" else "cpu"
+    device_map["lm_head"] = "disk"
+    return device_map
 
 
 def prepare_gptqmodel() -> None:
