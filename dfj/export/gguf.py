@@ -1,18 +1,21 @@
 """GGUF export for llama.cpp: a text GGUF (arch `qwen2vl`) and an mmproj GGUF (arch `clip`).
 
-Written with the PyPI `gguf` package: its `TensorNameMap` names every Hugging Face tensor, its
-writer streams them one at a time (a 7B judge never sits in memory twice). Only what llama.cpp
-expects and no library does is done here: the vision qkv is split into q/k/v, the Conv3D patch
-embedding into its two temporal kernels, and the M-RoPE sections are padded to four. A tensor the
-map does not know is an error, never dropped. K-quants and Q8_0 come from llama.cpp itself
-(`llama_model_quantize`), always from the f32 text GGUF; the mmproj stays f16 (f32 for `gguf-f32`).
+Written with the PyPI `gguf` package: its `TensorNameMap` names every Hugging Face tensor, and its
+writer takes the tensors one at a time as they are read from the memory-mapped checkpoint (peak
+memory is the biggest tensor, not the model). Only what llama.cpp expects and no library does is done
+here: the vision qkv is split into q/k/v, the Conv3D patch embedding into its two temporal kernels,
+and the M-RoPE sections are padded to four. A tensor the map does not know is an error, never
+dropped. This module writes the lossless files (f32, f16); K-quants and Q8_0 are a stage of their own
+(`dfj.quant.gguf`, llama.cpp's quantizer). The mmproj is f16 (f32 for `gguf-f32`).
 
-The LoRA is merged first (with the merge's own parity check); the result is checked against
-transformers on the export probe through the llama.cpp runtime before anything is written.
+The LoRA is merged first (streamed, with the merge's own parity check); the result is checked against
+transformers (layers streamed from disk past a memory budget) on the export probe through the
+llama.cpp runtime before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dfj.export.lora_merge import adapter_record
+from dfj.export.checkpoint import Checkpoint
+from dfj.export.lora_merge import adapter_record, canonical_key
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import Manifest, write_manifest
@@ -29,9 +33,9 @@ from dfj.runtime.llamacpp import package_version
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
-# llama_ftype of each text quantization (llama.h); f32/f16 are written directly, the rest by llama.cpp.
-LLAMA_FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
+QUANTS = ("f32", "f16")
+# llama_ftype of the files written here (llama.h); the quantized ones are `dfj.quant.gguf`'s.
+LLAMA_FTYPES = {"f32": 0, "f16": 1}
 # Probe logits of the f32 GGUF vs transformers fp32. llama.cpp's f32 arithmetic is not torch's:
 # measured max |Δ logit| 6.4e-3 on the tiny judge and 1.8e-2 on a 3B-width judge with 4 layers
 # (4e-3 already for a one-token prompt; torch f32 vs f64 there: 7e-6), cosine ≥ 0.99999. The gate
@@ -52,15 +56,6 @@ class PlannedTensor:
     take: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-def _canonical(key: str) -> str:
-    """transformers 5 nests the towers under `model.`; the hub checkpoints and the map use the old names."""
-    if key.startswith("model.language_model."):
-        return "model." + key.removeprefix("model.language_model.")
-    if key.startswith("model.visual."):
-        return key.removeprefix("model.")
-    return key
-
-
 def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> tuple[list[PlannedTensor], list[PlannedTensor]]:
     """(text tensors, vision tensors) for a Qwen2.5-VL checkpoint given its {key: shape}."""
     import gguf
@@ -74,7 +69,7 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> 
     vision: list[PlannedTensor] = []
     unknown: list[str] = []
     for key in sorted(shapes):
-        name_key, shape = _canonical(key), tuple(shapes[key])
+        name_key, shape = canonical_key(key), tuple(shapes[key])
         if name_key.startswith("visual."):
             name = vision_map.get_name(name_key, try_suffixes=(".weight", ".bias"))
             if name is None:
@@ -112,13 +107,19 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> 
     return text, vision
 
 
+def _torch_dtypes() -> dict[type, Any]:
+    import torch
+
+    return {np.float16: torch.float16, np.float32: torch.float32}
+
+
 def _gguf_dtype(shape: tuple[int, ...], dtype: str) -> type:
     """f16 files keep norms and biases (1-D) in f32, as llama.cpp's own converter does."""
     return np.float16 if dtype == "f16" and len(shape) > 1 else np.float32
 
 
 def _write(path: Path, arch: str, metadata: Callable[[Any], None], tensors: list[PlannedTensor],
-           read: Callable[[str], np.ndarray], dtype: str) -> None:
+           read: Callable[[str], Any], dtype: str) -> None:
     """Stream `tensors` into a GGUF file: infos first, then one tensor in memory at a time."""
     import gguf
 
@@ -131,38 +132,25 @@ def _write(path: Path, arch: str, metadata: Callable[[Any], None], tensors: list
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    cache: tuple[str, np.ndarray] | None = None
+    torch_dtypes = _torch_dtypes()
+    cache: tuple[str, Any] | None = None
     for tensor, np_dtype in converted:
         if cache is None or cache[0] != tensor.key:  # qkv / patch splits read their source once
             cache = (tensor.key, read(tensor.key))
         data = cache[1] if tensor.take is None else tensor.take(cache[1])
-        data = np.ascontiguousarray(data, dtype=np_dtype)
+        # Straight from the checkpoint's dtype to the file's (bf16 -> f16 needs no f32 copy).
+        data = data.to(torch_dtypes[np_dtype]).contiguous().numpy()
         if data.shape != tensor.shape:
             raise ValueError(f"{tensor.key}: shape {data.shape} is not the planned {tensor.shape}")
         writer.write_tensor_data(data)
+        del data
     writer.close()
 
 
-def _reader(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
-    """{key: shape} of every safetensors shard, and a function reading one tensor as float32 numpy."""
-    import torch
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    where: dict[str, Path] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
-        with safe_open(model_dir / name, "pt") as handle:
-            for key in handle.keys():
-                where[key] = model_dir / name
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-
-    def read(key: str) -> np.ndarray:
-        with safe_open(where[key], "pt") as handle:  # torch reads bf16, which numpy cannot
-            return handle.get_tensor(key).to(torch.float32).numpy()
-
-    return shapes, read
+def _reader(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:
+    """{key: shape} of the checkpoint, and a function reading one tensor (torch, in its own dtype)."""
+    checkpoint = Checkpoint(model_dir)
+    return dict(checkpoint.shapes), checkpoint.read
 
 
 def _text_metadata(config: dict[str, Any], model_dir: Path, name: str, dtype: str) -> Callable[[Any], None]:
@@ -313,31 +301,12 @@ def write_gguf(model_dir: Path, folder: Path, *, quant: str, limits: PixelLimits
     normalizer = _normalizer(model_dir)
     shapes, read = _reader(model_dir)
     text, vision = plan_tensors(shapes, config)
-    direct = quant if quant in ("f32", "f16") else "f32"
-    text_path = folder / TEXT_FILE if direct == quant else folder / f".{TEXT_FILE}.f32"
-    _write(text_path, "qwen2vl", _text_metadata(config, model_dir, name, direct), text, read, direct)
-    if direct != quant:
-        quantize_text(text_path, folder / TEXT_FILE, quant)
-        text_path.unlink()
+    _write(folder / TEXT_FILE, "qwen2vl", _text_metadata(config, model_dir, name, quant), text, read, quant)
     _write(folder / MMPROJ_FILE, "clip", _vision_metadata(config, model_dir, name, limits, mmproj_dtype), vision, read,
            mmproj_dtype)
     return {"quant": quant, "mmproj_dtype": mmproj_dtype, "normalizer": normalizer, "text_tensors": len(text), "vision_tensors": len(vision),
             "bytes": {TEXT_FILE: (folder / TEXT_FILE).stat().st_size, MMPROJ_FILE: (folder / MMPROJ_FILE).stat().st_size},
-            "writer": "gguf " + package_version("gguf"),
-            "quantizer": f"llama.cpp (llama-cpp-python {package_version('llama_cpp_python')})" if direct != quant else None}
-
-
-def quantize_text(source: Path, target: Path, quant: str) -> None:
-    """llama.cpp's own quantizer (K-quant mixes need it; the gguf package only has the plain types)."""
-    from dfj.runtime.llamacpp import quiet_llama
-
-    llama_cpp = quiet_llama()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[quant]
-    params.nthread = os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if status != 0 or not target.is_file():
-        raise RuntimeError(f"llama.cpp failed to quantize {source.name} to {quant} (status {status})")
+            "writer": "gguf " + package_version("gguf")}
 
 
 def export_gguf(
@@ -349,7 +318,7 @@ def export_gguf(
     overwrite: bool = False,
     limits: PixelLimits | None = None,
     mmproj_dtype: str | None = None,
-    **_: Any,
+    probe_memory: int | None = None,
 ) -> Path:
     """Merge the LoRA if needed, write the two GGUF files, check the probe through llama.cpp, write."""
     from dfj.export.lora_merge import merged_scratch
@@ -359,10 +328,12 @@ def export_gguf(
         raise ValueError(f"unknown GGUF quantization {quant!r}: {', '.join(QUANTS)}")
     resolved = resolve(source, mode=mode)
     limits = limits or resolved.limits
-    with merged_scratch(source, out, mode=mode, limits=limits) as merged:
+    # A merged model is read as it is; an adapter is merged (streamed, float32) into a scratch folder first.
+    ready = contextlib.nullcontext(resolved.path) if resolved.kind == "model" else merged_scratch(source, out, mode=mode, limits=limits, probe_memory=probe_memory)
+    with ready as merged:
         with staged_folder(out, overwrite=overwrite) as work:
             info = write_gguf(merged, work, quant=quant, limits=limits, name=resolved.name, mmproj_dtype=mmproj_dtype)
-            parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"])
+            parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"], probe_memory)
             exact = quant == "f32" and info["mmproj_dtype"] == "f32"
             parity.update(reference="transformers fp32 (merged)", tolerance=F32_MAX_ABS if exact else None,
                           min_cosine=F32_MIN_COSINE if exact else None)
@@ -377,25 +348,32 @@ def export_gguf(
     return Path(out).resolve()
 
 
-def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, normalizer: str | None) -> dict[str, float]:
-    """Probe logits of the GGUF files (through llama.cpp) against transformers on the merged model."""
-    import torch
+def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, normalizer: str | None,
+                 memory: int | None = None) -> dict[str, float]:
+    """Probe logits of the GGUF files (through llama.cpp) against transformers fp32 on the merged model
+    (its layers streamed from disk when it is bigger than the probe's memory budget)."""
     from transformers import AutoProcessor
 
     from dfj import hf
-    from dfj.export.probe import compare_logits, probe_chat, probe_image, probe_logits
-    from dfj.runtime.llamacpp import LlamaCppRuntime
+    from dfj.export.lora_merge import bounded_probe_logits
+    from dfj.export.probe import compare_logits
 
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
-        model = hf.load_model(merged, dtype=torch.float32)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
-    reference = probe_logits(model, processor, mode)
-    del model
+    reference = bounded_probe_logits(merged, processor, mode, "float32", **({} if memory is None else {"memory": memory}))
+    return compare_logits(reference, gguf_probe_logits(folder, mode, limits, normalizer, len(reference)))
+
+
+def gguf_probe_logits(folder: Path, mode: str, limits: PixelLimits, normalizer: str | None, positions: int = 24):
+    """Logits at the last `positions` positions of the export probe, run by llama.cpp on `folder`'s GGUF files."""
+    import torch
+
+    from dfj.export.probe import probe_chat, probe_image
+    from dfj.runtime.llamacpp import LlamaCppRuntime
+
     runtime = LlamaCppRuntime.from_folder(folder, limits=limits, normalizer=normalizer)
     try:
-        candidate = torch.from_numpy(runtime.prompt_logits(probe_image(), probe_chat(mode), len(reference)))
+        return torch.from_numpy(runtime.prompt_logits(probe_image(), probe_chat(mode), positions))
     finally:
         runtime.close()
-    return compare_logits(reference, candidate)
-
