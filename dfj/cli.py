@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("judge", "export", "bench", "info", "demo")
+COMMANDS = ("judge", "export", "quant", "bench", "info", "demo")
 
 
 def _fail(message: str) -> None:
@@ -97,32 +97,53 @@ def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool) -> None:
 def export(
     source: str = typer.Argument(..., help="Model folder, adapter folder, dfj artifact or Hugging Face id."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
-    quant: str = typer.Option("none", "--quant", help="Format: none (merged safetensors), gptq-4bit, onnx-fp32, onnx-int8, onnx-int4, gguf-f32, gguf-f16, gguf-q8_0, gguf-q4_k_m."),
+    quant: str = typer.Option("none", "--quant", help="Lossless: none (merged safetensors), onnx-fp32, gguf-f32, gguf-f16. Any `dfj quant` method (gguf-q4_k_m, onnx-int8, gptq-4bit, ...) exports then quantizes."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
-    dtype: str = typer.Option("auto", help="Saved dtype: auto (the checkpoint's), float32, bfloat16, float16."),
+    dtype: Optional[str] = typer.Option(None, help="--quant none: saved dtype, auto (the checkpoint's), float32, bfloat16, float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-4bit: DFJ split folder whose images, prompts and gold outputs calibrate the quantization."),
-    samples: int = typer.Option(128, "--samples", help="gptq-4bit: calibration records."),
-    group_size: int = typer.Option(128, "--group-size", help="gptq-4bit: quantization group size."),
-    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="gguf-*: vision GGUF precision, f16 (default) or f32 (default for gguf-f32)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-*: DFJ split folder whose images, prompts and gold outputs calibrate the quantization."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="gptq-*: calibration records (default 128)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="gptq-*: quantization group size (default 128)."),
+    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="gguf-f32/f16: vision GGUF precision, f16 (default) or f32 (default for gguf-f32)."),
 ) -> None:
     """Export a judge: merge its LoRA and write a standalone artifact with a dfj manifest."""
-    from dfj.export import FORMATS, export as run_export
+    from dfj.export import all_formats, export as run_export
 
-    if quant not in FORMATS:
-        _fail(f"unknown --quant {quant!r}; available: {', '.join(FORMATS)}")
+    if quant not in all_formats():
+        _fail(f"unknown --quant {quant!r}; available: {', '.join(all_formats())}")
+    given = {"dtype": dtype, "calibration": calibration, "samples": samples, "group_size": group_size, "mmproj_dtype": mmproj}
     try:
-        extra = {"calibration": calibration, "samples": samples, "group_size": group_size} if quant.startswith("gptq") else {}
-        if quant.startswith("gguf"):
-            extra = {"mmproj_dtype": mmproj}
-        elif mmproj:
-            _fail("--mmproj applies to the gguf-* formats only")
-        path = run_export(source, out, quant, mode=mode, dtype=dtype, overwrite=force, **extra)
+        path = run_export(source, out, quant, mode=mode, overwrite=force, **{k: v for k, v in given.items() if v is not None})
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return
-    from dfj.report import print_manifest
+    _print_artifact(path)
+
+
+@app.command()
+def quant(
+    artifact: Path = typer.Argument(..., help="A dfj artifact in the lossless format the method reads (see --method)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
+    method: str = typer.Option(..., "--method", help="gguf-q8_0, gguf-q6_k, gguf-q5_k_m, gguf-q4_k_m (from gguf-f32/f16); onnx-int8, onnx-int4 (from onnx-fp32); gptq-4bit, gptq-8bit (from the merge, needs --calibration)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-*: DFJ split folder (images, prompts, gold outputs)."),
+    samples: int = typer.Option(128, "--samples", help="gptq-*: calibration records."),
+    group_size: int = typer.Option(128, "--group-size", help="gptq-*: quantization group size."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Quantize a dfj artifact; its parity against the input and the chain of stages go to dfj.json."""
+    from dfj.quant import quantize
+
+    try:
+        path = quantize(artifact, out, method, calibration=calibration, samples=samples, group_size=group_size, overwrite=force)
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    _print_artifact(path)
+
+
+def _print_artifact(path: Path) -> None:
     from dfj.manifest import read_manifest
+    from dfj.report import print_manifest
 
     print_manifest(path, read_manifest(path))
 

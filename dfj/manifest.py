@@ -34,6 +34,8 @@ class Manifest:
     pixels: dict[str, int] = field(default_factory=dict)  # min_pixels / max_pixels
     parity: dict[str, Any] = field(default_factory=dict)  # measured against the source, if checked
     extra: dict[str, Any] = field(default_factory=dict)
+    # The stages that made it, oldest first (export, then any quantization), each with its parity.
+    chain: list[dict[str, Any]] = field(default_factory=list)
     dfj_version: str = ""
     created: str = ""
     schema: int = SCHEMA_VERSION
@@ -56,6 +58,11 @@ class Manifest:
         return cls(mode=mode, format=format, source=source,
                    prompt_templates={m: template_sha256(m) for m in MODES}, prompt_tokenization=PROMPT_TOKENIZATION,
                    pixels={"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels}, **fields)
+
+    def stage(self, stage: str) -> dict[str, Any]:
+        """This artifact as one link of a chain: what it is, what it came from, how close it stayed."""
+        return {"stage": stage, "format": self.format, "quant": self.quant, "source": self.source.get("name"),
+                "parity": self.parity, "created": self.created}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -84,6 +91,8 @@ def hash_folder(folder: Path) -> dict[str, str]:
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     """Hash the folder's files into the manifest and write it (last, so a partial folder has none)."""
     manifest.files = hash_folder(folder)
+    if not manifest.chain:  # an export: the chain starts here (a quantization passes its input's on)
+        manifest.chain = [manifest.stage("export")]
     target = Path(folder) / MANIFEST_NAME
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(manifest.to_json(), encoding="utf-8")

@@ -1,40 +1,74 @@
 """Exporters: turn a judge source into a standalone artifact folder with a dfj manifest.
 
-`FORMATS` maps each `--quant` name to ("module:function", fixed options); it is resolved lazily so a
-missing optional backend only matters when that format is asked for.
+`FORMATS` maps each lossless format to its exporter ("module:function", fixed options), resolved
+lazily so a missing optional backend only matters when that format is asked for. A quantized format
+(`dfj.quant.METHODS`) is the shortcut `export` then `quantize`: the lossless format its method reads
+is exported into a scratch folder beside `out`, quantized into `out`, and removed.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("dfj.export.lora_merge:export_merged", {}),
     "onnx-fp32": ("dfj.export.onnx:export_onnx", {"quant": "fp32"}),
-    "onnx-int8": ("dfj.export.onnx:export_onnx", {"quant": "int8"}),
-    "onnx-int4": ("dfj.export.onnx:export_onnx", {"quant": "int4"}),
-    "gptq-4bit": ("dfj.export.gptq:export_gptq", {"bits": 4}),
     "gguf-f32": ("dfj.export.gguf:export_gguf", {"quant": "f32"}),
     "gguf-f16": ("dfj.export.gguf:export_gguf", {"quant": "f16"}),
-    "gguf-q8_0": ("dfj.export.gguf:export_gguf", {"quant": "q8_0"}),
-    "gguf-q4_k_m": ("dfj.export.gguf:export_gguf", {"quant": "q4_k_m"}),
 }
+# The lossless format each quantization family starts from when `export` runs both stages. GGUF:
+# f16, as llama.cpp's own workflow (convert to f16, then quantize); GPTQ: the float32 merge.
+SHORTCUT_INPUT = {"gguf": ("gguf-f16", {}), "onnx": ("onnx-fp32", {}), "gptq": ("none", {"dtype": "float32"})}
+# Options that belong to the quantization stage, not the export.
+QUANT_OPTIONS = ("calibration", "samples", "group_size")
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, quant: str = "none", **options: Any) -> Path:
+def all_formats() -> list[str]:
+    from dfj.quant import METHODS
+
+    return [*FORMATS, *METHODS]
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, quant: str = "none", *, overwrite: bool = False,
+           **options: Any) -> Path:
     """Export `source` (model folder, adapter folder, artifact or hub id) to `out` in format `quant`."""
+    from dfj.quant import METHODS, quantize
+
+    if quant in METHODS:
+        family = quant.split("-")[0]
+        lossless, fixed = SHORTCUT_INPUT[family]
+        quant_options = {k: options.pop(k) for k in QUANT_OPTIONS if k in options}
+        if family == "gptq" and quant_options.get("calibration") is None:
+            from dfj.quant.gptq import NO_CALIBRATION
+
+            raise ValueError(NO_CALIBRATION)  # before minutes of merging
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export-") as scratch:
+            intermediate = export(source, Path(scratch) / lossless, lossless, **{**options, **fixed})
+            return quantize(intermediate, out, quant, overwrite=overwrite, **quant_options)
     if quant not in FORMATS:
-        raise ValueError(f"unknown --quant {quant!r}: available {', '.join(FORMATS)}")
+        raise ValueError(f"unknown --quant {quant!r}: available {', '.join(all_formats())}")
+    unknown = [k for k in options if k in QUANT_OPTIONS]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} apply to the gptq-* formats only, not {quant}")
     target, fixed = FORMATS[quant]
     module_name, attr = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(f"--quant {quant} needs packages that are not installed ({exc.name}): pip install 'dfj[all]'") from exc
-    return getattr(module, attr)(source, out, **{**options, **fixed})
+    exporter = getattr(module, attr)
+    accepted = inspect.signature(exporter).parameters
+    foreign = sorted(k for k in options if k not in accepted)
+    if foreign:
+        raise ValueError(f"--quant {quant} takes no option {', '.join(foreign)}")
+    return exporter(source, out, overwrite=overwrite, **{**options, **fixed})
 
 
 def merge(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:
@@ -42,4 +76,4 @@ def merge(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> 
     return export(source, out, "none", **options)
 
 
-__all__ = ["FORMATS", "export", "merge"]
+__all__ = ["FORMATS", "all_formats", "export", "merge"]

@@ -14,7 +14,6 @@ call before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -35,8 +34,7 @@ from dfj.sources import resolve
 
 OPSET = 18
 GRAPHS = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
-QUANTS = ("fp32", "int8", "int4")
-INT4_BLOCK_SIZE = 32
+QUANTS = ("fp32",)  # int8 / int4 decoders are a stage of their own: `dfj.quant.onnx`
 
 
 class VisionGraph(nn.Module):
@@ -140,7 +138,7 @@ VISION_INPUTS = ["pixel_values", "position_ids", "window_index", "reverse_index"
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def _save(model, path: Path, external: bool | None) -> None:
+def save_graph(model, path: Path, external: bool | None) -> None:
     import onnx
 
     if external is None:
@@ -176,7 +174,7 @@ def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str],
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(raw), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        _save(onnx.load(str(raw)), path, external)
+        save_graph(onnx.load(str(raw)), path, external)
 
 
 def export_graphs(model: nn.Module, processor: Any, folder: Path, external: bool | None = None) -> dict[str, Any]:
@@ -223,54 +221,6 @@ def export_graphs(model: nn.Module, processor: Any, folder: Path, external: bool
             "decoder_inputs": inputs, "decoder_outputs": outputs, "vision_inputs": VISION_INPUTS}
 
 
-def quantize_graphs(folder: Path, quant: str, external: bool | None = None) -> dict[str, Any]:
-    """Weight-quantize the decoder's MatMuls (head included) in place; vision and embedding stay fp32."""
-    import tempfile
-
-    import onnx
-
-    if quant == "fp32":
-        return {"method": "none"}
-    decoder = folder / GRAPHS["decoder"]
-    with _quiet_quantizer(), tempfile.TemporaryDirectory(dir=folder, prefix=".quant-") as scratch:
-        quantized = Path(scratch) / GRAPHS["decoder"]
-        if quant == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(decoder), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
-            info = {"method": "onnxruntime dynamic quantization", "weight_type": "int8", "per_channel": True,
-                    "ops": ["MatMul", "Gemm"]}
-            model = onnx.load(str(quantized))
-        else:
-            from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-            config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True, bits=4)
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(decoder)), algo_config=config)
-            quantizer.process()
-            model = quantizer.model.model
-            info = {"method": "MatMulNBits weight-only", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True}
-        _save(model, decoder, external)
-    return info
-
-
-@contextlib.contextmanager
-def _quiet_quantizer():
-    """onnxruntime's quantizers log every node at INFO, some on the root logger."""
-    import logging
-
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime"), logging.getLogger("onnxruntime.quantization"),
-               logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def export_onnx(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -280,9 +230,8 @@ def export_onnx(
     overwrite: bool = False,
     limits: PixelLimits | None = None,
     external_data: bool | None = None,
-    **_: Any,
 ) -> Path:
-    """Merge the LoRA if needed, export the three graphs, quantize, check against transformers, write.
+    """Merge the LoRA if needed, export the three fp32 graphs, check them against transformers, write.
 
     `external_data`: keep weights in `<graph>.onnx.data` files (default: only graphs over 1.8 GB).
     """
@@ -306,14 +255,14 @@ def export_onnx(
         reference = _probe_reference(model, processor, resolved.mode)
         del model
         gc.collect()
-        onnx_info["quantization"] = quantize_graphs(work, quant, external_data)
+        onnx_info["quantization"] = {"method": "none"}
         _copy_config(model_dir, work)
         processor.save_pretrained(work)
         (work / "onnx.json").write_text(json.dumps(onnx_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        parity = compare_logits(reference, _probe_onnx(work, resolved.mode, limits))
-        tolerance = lossless_tolerance(reference) if quant == "fp32" else None
+        parity = compare_logits(reference, probe_onnx(work, resolved.mode, limits))
+        tolerance = lossless_tolerance(reference)
         parity.update(reference="transformers fp32 (merged)", tolerance=tolerance)
-        if tolerance is not None and parity["max_abs_diff"] > tolerance:
+        if parity["max_abs_diff"] > tolerance:
             raise RuntimeError(f"the fp32 ONNX graphs do not match transformers: {parity}")
         write_manifest(
             work,
@@ -336,7 +285,7 @@ def _probe_reference(model, processor, mode: str):
     return probe_logits(model, processor, mode)
 
 
-def _probe_onnx(folder: Path, mode: str, limits: PixelLimits):
+def probe_onnx(folder: Path, mode: str, limits: PixelLimits):
     """The same probe through the ONNX runtime: last-position logits of the probe chat."""
     from dfj.export.probe import probe_chat, probe_image
     from dfj.runtime.onnx import OnnxRuntime

@@ -1,0 +1,82 @@
+"""ONNX int8 / int4 weight quantization of the decoder graph (onnxruntime's own quantizers), from an
+onnx-fp32 artifact; the vision and embedding graphs stay fp32. Parity is measured against the fp32
+input through ONNX Runtime on the export probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dfj.export.onnx import GRAPHS, probe_onnx, save_graph
+from dfj.export.probe import compare_logits
+from dfj.export.staging import staged_folder
+from dfj.images import PixelLimits
+from dfj.manifest import write_manifest
+from dfj.quant import QuantSpec, quantized_manifest
+
+INT4_BLOCK_SIZE = 32
+
+
+def quantize_graphs(folder: Path, quant: str, external: bool | None = None) -> dict[str, Any]:
+    """Weight-quantize the decoder's MatMuls (head included) in place; vision and embedding stay fp32."""
+    import tempfile
+
+    import onnx
+
+    if quant not in ("int8", "int4"):
+        raise ValueError(f"unknown ONNX weight quantization {quant!r}: int8 or int4")
+    decoder = folder / GRAPHS["decoder"]
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(dir=folder, prefix=".quant-") as scratch:
+        quantized = Path(scratch) / GRAPHS["decoder"]
+        if quant == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(decoder), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+            info = {"method": "onnxruntime dynamic quantization", "weight_type": "int8", "per_channel": True,
+                    "ops": ["MatMul", "Gemm"]}
+            model = onnx.load(str(quantized))
+        else:
+            from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+            config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True, bits=4)
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(decoder)), algo_config=config)
+            quantizer.process()
+            model = quantizer.model.model
+            info = {"method": "MatMulNBits weight-only", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True}
+        save_graph(model, decoder, external)
+    return info
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantizers log every node at INFO, some on the root logger."""
+    import logging
+
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime"), logging.getLogger("onnxruntime.quantization"),
+               logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def quantize_onnx(source: Path, out: Path, spec: QuantSpec, manifest, *, overwrite: bool = False) -> Path:
+    limits = PixelLimits(**manifest.pixels)
+    with staged_folder(out, overwrite=overwrite) as work:
+        shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("dfj.json"))
+        onnx_info = dict(manifest.extra.get("onnx", {}))
+        onnx_info["quantization"] = quantize_graphs(work, spec.level)
+        (work / "onnx.json").write_text(json.dumps(onnx_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        parity = compare_logits(probe_onnx(source, manifest.mode, limits), probe_onnx(work, manifest.mode, limits))
+        parity.update(reference="onnx-fp32 (input, ONNX Runtime)", tolerance=None)
+        write_manifest(work, quantized_manifest(manifest, source, "onnx", spec.method, parity, {"onnx": onnx_info}))
+    return Path(out).resolve()
