@@ -1,0 +1,141 @@
+"""Peak memory and time of every export and quantization stage on random-weight judges at the released
+shapes (a benchmark, not a test): `python -m dfj.bench.memory --size 3B`.
+
+Each stage runs in a fresh process whose memory is sampled from /proc every 20 ms:
+- `anon`: private (anonymous) resident memory, the memory a stage needs;
+- `rss`: all resident memory, which also counts the pages of files the stage maps (safetensors
+  read lazily, llama.cpp's memory-mapped GGUF): the kernel can drop those at any time, so they are
+  reported, not budgeted.
+
+    python -m dfj.bench.memory --size 3B --work /tmp/dfj-memory                 # full depth
+    python -m dfj.bench.memory --size 7B --text-layers 4 --work /tmp/dfj-memory # 7B, fewer layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# (stage, input, output, the Python that runs it); paths are relative to the work folder.
+STAGES = {
+    "merge": ("judge/adapter", "merged", "from dfj.export import export; export(IN, OUT, 'none')"),
+    "gguf-f16": ("merged", "gguf-f16", "from dfj.export import export; export(IN, OUT, 'gguf-f16')"),
+    "gguf-q4_k_m": ("gguf-f16", "gguf-q4_k_m", "from dfj.quant import quantize; quantize(IN, OUT, 'gguf-q4_k_m')"),
+    "onnx-fp32": ("merged", "onnx-fp32", "from dfj.export import export; export(IN, OUT, 'onnx-fp32')"),
+}
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss: int
+    peak_anon: int
+    exit_code: int
+    output_tail: str
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of a process in bytes; (0, 0) once it is gone."""
+    values = {"VmRSS": 0, "RssAnon": 0}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name in values:
+                    values[name] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return values["VmRSS"], values["RssAnon"]
+
+
+def measure(code: str, env: dict[str, str] | None = None, interval: float = 0.02, timeout: float | None = None) -> Measured:
+    """Run `code` in a fresh Python and sample its resident memory until it exits."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})
+    peaks = [0, 0]
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)
+    reader.start()
+    while process.poll() is None:
+        rss, anon = _status(process.pid)
+        peaks = [max(peaks[0], rss), max(peaks[1], anon)]
+        if timeout is not None and time.perf_counter() - started > timeout:
+            process.kill()
+        time.sleep(interval)
+    reader.join()
+    tail = b"".join(output).decode("utf-8", "replace")[-3000:]
+    return Measured(time.perf_counter() - started, peaks[0], peaks[1], process.returncode, tail)
+
+
+def run(work: Path, size: str, text_layers: int | None, vision_depth: int | None, stages: list[str]) -> list[dict]:
+    from dfj.bench.full_depth import real_shapes
+
+    text, vision = real_shapes(size, text_layers, vision_depth)
+    rows = []
+    if not (work / "judge" / "adapter" / "dfj.json").is_file():
+        build = (f"from dfj.bench.full_depth import build_random_judge; "
+                 f"build_random_judge({str(work / 'judge')!r}, {text!r}, {vision!r})")
+        measured = measure(build)
+        if measured.exit_code:
+            raise SystemExit(f"building the judge failed:\n{measured.output_tail}")
+        rows.append({"stage": "build random judge", **asdict(measured)})
+        print(_row(rows[-1]), flush=True)
+    for stage in stages:
+        source, target, code = STAGES[stage]
+        out = work / target
+        if (out / "dfj.json").is_file():
+            import shutil
+
+            shutil.rmtree(out)
+        measured = measure(f"IN, OUT = {str(work / source)!r}, {str(out)!r}; " + code)
+        row = {"stage": stage, **asdict(measured)}
+        if measured.exit_code == 0:
+            manifest = json.loads((out / "dfj.json").read_text())
+            row["parity"] = manifest["parity"]
+            row["bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        rows.append(row)
+        print(_row(row), flush=True)
+        if measured.exit_code:
+            print(measured.output_tail, file=sys.stderr)
+            break
+    return rows
+
+
+def _row(row: dict) -> str:
+    parity = row.get("parity") or {}
+    cosine = f"{parity['cosine']:.6f}" if "cosine" in parity else "–"
+    diff = f"{parity['max_abs_diff']:.3g}" if "max_abs_diff" in parity else "–"
+    size = f"{row['bytes'] / 1e9:.2f}" if "bytes" in row else "–"
+    status = "ok" if row["exit_code"] == 0 else f"exit {row['exit_code']}"
+    return (f"| {row['stage']} | {row['peak_anon'] / 1e9:.2f} | {row['peak_rss'] / 1e9:.2f} | {row['seconds']:.0f} | "
+            f"{size} | {cosine} | {diff} | {status} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["3B", "7B"], default="3B")
+    parser.add_argument("--text-layers", type=int, help="fewer text layers than the released model")
+    parser.add_argument("--vision-depth", type=int, help="fewer vision blocks than the released model")
+    parser.add_argument("--work", type=Path, default=Path("dfj-memory"))
+    parser.add_argument("--stages", nargs="*", default=["merge", "gguf-f16", "gguf-q4_k_m"], choices=list(STAGES))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"{args.size}, text layers {args.text_layers or 'all'}, vision blocks {args.vision_depth or 'all'}, "
+          f"{os.cpu_count()} cores")
+    print("| stage | peak anon GB | peak RSS GB | s | output GB | probe cosine | probe max abs diff | |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = run(args.work, args.size, args.text_layers, args.vision_depth, args.stages)
+    (args.work / "memory.json").write_text(json.dumps({"size": args.size, "text_layers": args.text_layers,
+                                                      "vision_depth": args.vision_depth, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
