@@ -13,6 +13,7 @@ import dfj
 from dfj.cli import app
 from dfj.export import export
 from dfj.manifest import verify
+from dfj.quant import quantize
 
 pytestmark = pytest.mark.slow
 SAMPLES = 128  # the default
@@ -35,7 +36,18 @@ def gptq(module_dir):
             built[mode] = export(trained_tiny_judge(mode), root / mode, "gptq-4bit",
                                  calibration=trained_tiny_split(mode, "train"), samples=SAMPLES)
     built["merged"] = export(trained_tiny_judge("pointwise"), root / "merged", "none", dtype="float32")
+    with contextlib.chdir(built["cwd"]):  # `dfj quant` from the merged artifact, 8 bits this time
+        built["8bit"] = quantize(built["merged"], root / "8bit", "gptq-8bit",
+                                 calibration=trained_tiny_split("pointwise", "train"), samples=SAMPLES)
     return built
+
+
+def test_gptq_8bit_through_dfj_quant_keeps_closer_to_the_merge_than_4bit(gptq):
+    four, eight = verify(gptq["pointwise"]), verify(gptq["8bit"])
+    assert eight.quant == "gptq-8bit" and eight.extra["gptq"]["bits"] == 8 and eight.extra["gptq"]["packed_linear_layers"] == 14
+    assert [link["quant"] for link in eight.chain] == ["none", "gptq-8bit"]
+    assert eight.parity["reference"] == "transformers fp32 (merged input)"
+    assert four.parity["cosine"] < eight.parity["cosine"] and eight.parity["top1_agreement"] == 1.0, (four.parity, eight.parity)
 
 
 def test_the_export_leaves_no_library_logs_behind(gptq):
