@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dfj import hf
 from dfj.export.checkpoint import Checkpoint
 from dfj.export.lora_merge import adapter_record, canonical_key
 from dfj.export.staging import staged_folder
@@ -333,9 +334,12 @@ def export_gguf(
     with ready as merged:
         with staged_folder(out, overwrite=overwrite) as work:
             info = write_gguf(merged, work, quant=quant, limits=limits, name=resolved.name, mmproj_dtype=mmproj_dtype)
-            parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"], probe_memory)
             exact = quant == "f32" and info["mmproj_dtype"] == "f32"
-            parity.update(reference="transformers fp32 (merged)", tolerance=F32_MAX_ABS if exact else None,
+            # The f32 gate needs an fp32 reference; an f16 file is measured against the checkpoint as
+            # saved (a bf16 judge streamed as bf16, not copied to disk at twice its size as fp32).
+            reference_dtype = "float32" if quant == "f32" else hf.checkpoint_dtype(merged)
+            parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"], probe_memory, reference_dtype)
+            parity.update(tolerance=F32_MAX_ABS if exact else None,
                           min_cosine=F32_MIN_COSINE if exact else None)
             if exact and (parity["max_abs_diff"] > F32_MAX_ABS or parity["cosine"] < F32_MIN_COSINE):
                 raise RuntimeError(f"the f32 GGUF does not match transformers: {parity}")
@@ -349,20 +353,20 @@ def export_gguf(
 
 
 def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, normalizer: str | None,
-                 memory: int | None = None) -> dict[str, float]:
-    """Probe logits of the GGUF files (through llama.cpp) against transformers fp32 on the merged model
-    (its layers streamed from disk when it is bigger than the probe's memory budget)."""
+                 memory: int | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Probe logits of the GGUF files (through llama.cpp) against transformers on the merged model, in
+    `dtype` (its layers streamed from disk when it is bigger than the probe's memory budget)."""
     from transformers import AutoProcessor
 
-    from dfj import hf
     from dfj.export.lora_merge import bounded_probe_logits
     from dfj.export.probe import compare_logits
 
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
-    reference = bounded_probe_logits(merged, processor, mode, "float32", **({} if memory is None else {"memory": memory}))
-    return compare_logits(reference, gguf_probe_logits(folder, mode, limits, normalizer, len(reference)))
+    reference = bounded_probe_logits(merged, processor, mode, dtype, **({} if memory is None else {"memory": memory}))
+    parity = compare_logits(reference, gguf_probe_logits(folder, mode, limits, normalizer, len(reference)))
+    return {**parity, "reference": f"transformers {dtype} (merged)"}
 
 
 def gguf_probe_logits(folder: Path, mode: str, limits: PixelLimits, normalizer: str | None, positions: int = 24):

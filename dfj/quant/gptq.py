@@ -27,6 +27,9 @@ from dfj.quant import QuantSpec, quantized_manifest
 DEFAULTS = {"bits": 4, "group_size": 128, "samples": 128, "sym": True, "desc_act": False}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# GPTQModel's own bounded-memory loading: the model is a meta-device shell whose modules are read from
+# the checkpoint when the layer-by-layer loop reaches them, and finished ones go back to disk.
+OFFLOAD_TO_DISK = True
 # Probe logits of the 4-bit artifact vs the fp32 merge: a quantized judge that falls below this is refused.
 MIN_COSINE = 0.90
 
@@ -112,7 +115,7 @@ def _quantize(merged: Path, work: Path, conversations: list, bits: int, group_si
 
     # pack_impl="original" and the torch backend: no minutes of kernel compilation on a small CPU host.
     config = QuantizeConfig(bits=bits, group_size=group_size, sym=DEFAULTS["sym"], desc_act=DEFAULTS["desc_act"],
-                            pack_impl="original", offload_to_disk=False)
+                            pack_impl="original", offload_to_disk=OFFLOAD_TO_DISK)
     model = GPTQModel.load(str(merged), config, device="cpu")
     with _library_logs_in(scratch / "gptqmodel-logs"):
         model.quantize(conversations, batch_size=1, backend=BACKEND.TORCH)
