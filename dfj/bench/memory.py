@@ -29,7 +29,12 @@ STAGES = {
     "gguf-f16": ("merged", "gguf-f16", "from dfj.export import export; export(IN, OUT, 'gguf-f16')"),
     "gguf-q4_k_m": ("gguf-f16", "gguf-q4_k_m", "from dfj.quant import quantize; quantize(IN, OUT, 'gguf-q4_k_m')"),
     "onnx-fp32": ("merged", "onnx-fp32", "from dfj.export import export; export(IN, OUT, 'onnx-fp32')"),
+    # Calibrated on the trained tiny judges' pointwise training split (built once per machine): real
+    # DFJ-shaped inputs; the random judge's quality is not the point, the memory of the loop is.
+    "gptq-4bit": ("merged", "gptq-4bit", "from dfj.quant import quantize; from dfj.testing import trained_tiny_split; "
+                  "quantize(IN, OUT, 'gptq-4bit', calibration=trained_tiny_split('pointwise', 'train'), samples=GPTQ_SAMPLES)"),
 }
+GPTQ_SAMPLES = 16
 
 
 @dataclass
@@ -95,7 +100,7 @@ def run(work: Path, size: str, text_layers: int | None, vision_depth: int | None
             import shutil
 
             shutil.rmtree(out)
-        measured = measure(f"IN, OUT = {str(work / source)!r}, {str(out)!r}; " + code)
+        measured = measure(f"IN, OUT, GPTQ_SAMPLES = {str(work / source)!r}, {str(out)!r}, {GPTQ_SAMPLES}; " + code)
         row = {"stage": stage, **asdict(measured)}
         if measured.exit_code == 0:
             manifest = json.loads((out / "dfj.json").read_text())
