@@ -246,9 +246,9 @@ def export_merged(
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
-    adapter_info = adapter_record(resolved)
     with staged_folder(out, overwrite=overwrite) as work:
-        merge_info = stream_merge(model_dir, adapter_dir, work, saved_dtype)
+        merge_info = stream_merge(model_dir, adapter_dir, work, saved_dtype)  # checks the adapter first
+        adapter_info = adapter_record(resolved)
         _write_config(model_dir, work, saved_dtype)
         processor.save_pretrained(work)
         parity: dict[str, Any] = {}
