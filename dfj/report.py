@@ -49,6 +49,10 @@ def print_manifest(path: str | Path, manifest: Manifest | None) -> None:
     table.add_row("files", f"{len(manifest.files)} ({size / 1e6:.1f} MB)")
     if manifest.parity:
         table.add_row("parity", ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in manifest.parity.items()))
+    if len(manifest.chain) > 1:  # a quantized artifact: how it got here, one stage a line
+        table.add_row("chain", "\n".join(
+            f"{link['stage']}: {link['quant']} from {link['source']} (cosine {link['parity'].get('cosine', float('nan')):.6f})"
+            for link in manifest.chain))
     table.add_row("dfj", f"{manifest.dfj_version} ({manifest.created})")
     console.print(table)
 
