@@ -169,8 +169,8 @@ def verify_gptq(folder: Path, merged: Path, mode: str, limits: PixelLimits) -> d
     processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
     reference = bounded_probe_logits(merged, processor, mode, "float32")
-    with hf.quiet_transformers():
-        quantized = hf.load_model(folder)
+    with hf.quiet_transformers():  # its dense parts (vision, embedding, head) in the input's dtype, as saved
+        quantized = hf.load_model(folder, dtype=hf.torch_dtype(hf.checkpoint_dtype(merged), "cpu"))
     parity = compare_logits(reference, probe_logits(quantized, processor, mode))
     parity.update(reference="transformers fp32 (merged input)", min_cosine=MIN_COSINE)
     del quantized
