@@ -304,28 +304,16 @@ def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
     assert measured["q4_k_m"]["bytes"] < measured["q8_0"]["bytes"]
 
 
-# The released judges' shapes (Qwen2.5-VL-3B/7B-Instruct): the 3B ties its head, the 7B does not.
-REAL_TEXT = {
-    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
-
-
 @pytest.mark.parametrize("size", ["3B", "7B"])
 def test_tensor_map_is_complete_for_the_real_configurations(size):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from dfj.bench.full_depth import judge_config, real_shapes
     from dfj.export.gguf import plan_tensors
 
-    text = {**REAL_TEXT[size], "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
-    tied = text.pop("tie_word_embeddings")
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
-                  fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, hidden_act="silu")
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    text, vision = real_shapes(size)  # the released judges' shapes: the 3B ties its head, the 7B does not
+    tied = text["tie_word_embeddings"]
+    config = judge_config(text, vision)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

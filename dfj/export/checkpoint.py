@@ -97,14 +97,14 @@ class Checkpoint:
         with safe_open(self.where[key], "pt") as handle:
             return handle.get_tensor(key)
 
-    def itemsize(self, key: str) -> int:
-        return itemsize(self.dtypes[key])
-
-    def nbytes(self, key: str) -> int:
+    def numel(self, key: str) -> int:
         count = 1
         for size in self.shapes[key]:
             count *= size
-        return count * itemsize(self.dtypes[key])
+        return count
+
+    def nbytes(self, key: str) -> int:
+        return self.numel(key) * itemsize(self.dtypes[key])
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def bounded_probe_logits(model_dir: Path, processor, mode: str, dtype: str, *, a
     (as `dtype`) fit in `memory` bytes loads whole; a bigger one runs with its layers on disk."""
     checkpoint = Checkpoint(model_dir)
     itemsize = hf.torch_dtype(dtype, "cpu").itemsize
-    fits = sum(checkpoint.nbytes(key) // checkpoint.itemsize(key) * itemsize for key in checkpoint.keys()) <= memory
+    fits = sum(checkpoint.numel(key) for key in checkpoint.keys()) * itemsize <= memory
     with tempfile.TemporaryDirectory(prefix="dfj-offload-") as offload:
         with hf.quiet_transformers():
             model = hf.load_model(model_dir, dtype=hf.torch_dtype(dtype, "cpu"), offload_folder=None if fits else Path(offload))
@@ -278,7 +278,7 @@ def export_merged(
 def merged_scratch(source: str | os.PathLike, out: str | os.PathLike, *, mode: str | None = None,
                    limits: PixelLimits | None = None, probe_memory: int | None = None) -> Iterator[Path]:
     """The float32 merge of `source` in a hidden scratch folder beside `out` (same disk), removed after:
-    the starting point of the exports that convert a merged checkpoint (GGUF, GPTQ)."""
+    the starting point of a GGUF export from an adapter."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merge-") as scratch:

@@ -164,7 +164,7 @@ def verify_gptq(folder: Path, merged: Path, mode: str, limits: PixelLimits) -> d
     # Saved keys may be in either layout (`model.layers.N…` or `model.language_model.layers.N…`).
     wanted = tuple(f"layers.{i}.{linear}.weight" for i in range(layers) for linear in LINEARS)
     source = Checkpoint(merged)
-    dense_params = sum(source.nbytes(key) // source.itemsize(key) for key in source.keys()
+    dense_params = sum(source.numel(key) for key in source.keys()
                        if key.endswith(wanted) and "visual" not in key)
     processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
