@@ -45,6 +45,9 @@ F32_MIN_COSINE = 0.9999
 F32_MAX_ABS = 0.1
 # llama.cpp reads clip.vision.image_size only to size its warm-up image; Qwen2.5-VL has no fixed size.
 WARMUP_IMAGE_SIZE = 560
+# Text positions the export probe's chat may take (556 for pointwise with the Qwen2.5 tokenizer); more
+# fails loudly ("prompt needs N positions").
+PROBE_TEXT_POSITIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -374,10 +377,15 @@ def gguf_probe_logits(folder: Path, mode: str, limits: PixelLimits, normalizer: 
     import torch
 
     from dfj.export.probe import probe_chat, probe_image
-    from dfj.runtime.llamacpp import LlamaCppRuntime
+    from dfj.runtime.llamacpp import PATCH_AREA, LlamaCppRuntime
 
-    runtime = LlamaCppRuntime.from_folder(folder, limits=limits, normalizer=normalizer)
+    # A context sized to the probe: llama.cpp allocates the whole KV cache up front (16 MB a layer for
+    # an f32 file at the default 8,192 positions), and the probe needs under a thousand.
+    image = probe_image()
+    image_tokens = -(-max(image.width * image.height, limits.min_pixels) // PATCH_AREA)
+    context = -(-(PROBE_TEXT_POSITIONS + image_tokens) // 256) * 256
+    runtime = LlamaCppRuntime.from_folder(folder, limits=limits, normalizer=normalizer, context=context)
     try:
-        return torch.from_numpy(runtime.prompt_logits(probe_image(), probe_chat(mode), positions))
+        return torch.from_numpy(runtime.prompt_logits(image, probe_chat(mode), positions))
     finally:
         runtime.close()

@@ -166,8 +166,8 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def from_folder(cls, folder: Path, limits: PixelLimits | None = None, device: str = "cpu",
-                    normalizer: str | None = "manifest") -> "LlamaCppRuntime":
-        return cls(Path(folder), limits or PixelLimits(), device=device, normalizer=normalizer)
+                    normalizer: str | None = "manifest", context: int = DEFAULT_CONTEXT) -> "LlamaCppRuntime":
+        return cls(Path(folder), limits or PixelLimits(), device=device, normalizer=normalizer, context=context)
 
     def close(self) -> None:
         """Free the native objects now (they are also freed when the runtime is collected)."""
