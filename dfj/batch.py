@@ -52,8 +52,14 @@ def judge_jsonl(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    expected_score: bool = False,
+    swap_check: bool = False,
 ) -> BatchSummary:
-    """Judge every line of `source` (a split folder or JSONL file) into `out`."""
+    """Judge every line of `source` (a split folder or JSONL file) into `out`. Consecutive records of
+    one image and label go to the judge as one group (`Judge.judge_many`); only one group's lines are
+    held at a time, whatever the file's size."""
+    from dfj.judge import GROUP_SIZE
+
     source = input_jsonl(source)
     out = Path(out)
     if out.resolve() == source.resolve():
@@ -73,42 +79,75 @@ def judge_jsonl(
         if appending:
             sink.seek(_finished_bytes(out, done))
             sink.truncate()  # a line torn by the kill goes; it is judged again
+        pending: list[_Line] = []
+        group_key: tuple[str, str] | None = None
+
+        def flush() -> None:
+            records = [line.record for line in pending if line.record is not None]
+            verdicts = iter(judge.judge_many(records, expected_score=expected_score, swap_check=swap_check) if records else [])
+            for line in pending:
+                if line.record is not None:
+                    _add_verdict(line, next(verdicts))
+                if line.result.get("error") is None:
+                    summary.judged += 1
+                elif "text" in line.result:
+                    summary.unparsed += 1
+                else:
+                    summary.errors += 1
+                sink.write(_dump({**line.original, FIELD: {"line": line.number, **line.result, "error": line.result.get("error")}}))
+                sink.flush()
+                if progress:
+                    progress(line.number, total)
+            pending.clear()
+
         for number, raw in _lines(source):
             if number <= done:
                 continue
-            row = judge_line(judge, raw, number, root)
-            if not row[FIELD]["error"]:
-                summary.judged += 1
-            elif "text" in row[FIELD]:
-                summary.unparsed += 1
-            else:
-                summary.errors += 1
-            sink.write(_dump(row))
-            sink.flush()
-            if progress:
-                progress(number, total)
+            line = _read_line(raw, number, root)
+            if line.record is not None:
+                key = (str(line.record.image), line.record.label.strip().lower())
+                if key != group_key or sum(p.record is not None for p in pending) >= GROUP_SIZE:
+                    flush()
+                group_key = key
+            pending.append(line)
+            if len(pending) >= 4 * GROUP_SIZE:  # a run of bad lines inside a group: memory stays bounded
+                flush()
+        flush()
     return summary
 
 
-def judge_line(judge, raw: bytes | None, number: int, root: Path) -> dict[str, Any]:
-    """One input line -> its output object. Never raises for a bad line."""
+@dataclass
+class _Line:
+    number: int
+    original: dict[str, Any]  # the input object, carried into the output
+    result: dict[str, Any]  # what goes under FIELD
+    record: Any = None  # the parsed record, None when the line could not be one
+
+
+def _read_line(raw: bytes | None, number: int, root: Path) -> _Line:
+    """One input line, parsed; a bad line carries its error. Never raises."""
     original, result = _original(raw)
+    line = _Line(number, original, result)
     if raw is None:
         result["error"] = f"line {number}: longer than {MAX_LINE_BYTES} bytes"
     elif "error" not in result:
         try:
-            record = parse_line(raw, root, number)
-            verdict = judge.judge(record)
-            result.update(verdict.to_dict())
-            if verdict.error:
-                result["error"] = f"line {number}: judge output unusable: {verdict.error}"
+            line.record = parse_line(raw, root, number)
         except (RecordProblem, ValueError, OSError) as exc:
             result["error"] = f"line {number}: {exc}"
-        except Exception as exc:  # one record's runtime failure must not end the run
-            result["error"] = f"line {number}: {type(exc).__name__}: {exc}"
-    if "error" not in result:
-        result["error"] = None
-    return {**original, FIELD: {"line": number, **result}}
+    return line
+
+
+def _add_verdict(line: _Line, verdict) -> None:
+    """A failure verdict (the record could not be judged) names the line already; a verdict whose
+    output held no valid verdict keeps its text and says so."""
+    fields = verdict.to_dict()
+    if verdict.error and not verdict.text:
+        line.result["error"] = verdict.error
+        return
+    line.result.update(fields)
+    if verdict.error:
+        line.result["error"] = f"line {line.number}: judge output unusable: {verdict.error}"
 
 
 def _original(raw: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:

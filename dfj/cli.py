@@ -37,10 +37,10 @@ def judge(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --out file."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
-    fast: bool = typer.Option(False, "--fast", help="Pairwise: one forward pass, P(A) vs P(B) after <answer> (adds p_a)."),
+    pairwise: str = typer.Option("answer", "--pairwise", help="Pairwise method: answer (one forward pass, P(A) vs P(B) after <answer>, adds p_a) or generate (greedy text, as the DFJ reference)."),
     swap_check: bool = typer.Option(False, "--swap-check", help="Pairwise: also judge B-vs-A and report whether the orders agree."),
     expected: bool = typer.Option(False, "--expected-score", help="Pointwise: add the probability-weighted score."),
-    runtime: Optional[str] = typer.Option(None, help="Runtime: torch or onnx (default: what the artifact's format needs)."),
+    runtime: Optional[str] = typer.Option(None, help="Runtime: torch, onnx or llamacpp (default: what the artifact's format needs)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
@@ -48,6 +48,7 @@ def judge(
 ) -> None:
     """Judge one image and response (or pair), or a whole JSONL file with --data/--jsonl and --out."""
     import dfj
+    from dfj.judge import PAIRWISE_METHODS
 
     batch_input = data or jsonl
     if data and jsonl:
@@ -56,10 +57,16 @@ def judge(
         _fail("--data/--jsonl need --out FILE for the results")
     if batch_input is None and (image is None or label is None or response is None):
         _fail("give --image, --label and --response (one verdict), or --data/--jsonl with --out (a batch)")
+    if pairwise not in PAIRWISE_METHODS:
+        _fail(f"--pairwise must be one of {', '.join(PAIRWISE_METHODS)}, not {pairwise!r}")
     try:
-        j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens)
+        j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens,
+                           pairwise=pairwise)
+        if (swap_check and j.mode != "pairwise") or (expected and j.mode != "pointwise"):
+            _fail("--swap-check is for pairwise judges, --expected-score for pointwise judges; "
+                  f"this is a {j.mode} judge")
         if batch_input is not None:
-            _judge_batch(j, batch_input, out, resume, force)
+            _judge_batch(j, batch_input, out, resume, force, expected_score=expected, swap_check=swap_check)
             return
         if j.mode == "pointwise":
             if response_b is not None:
@@ -68,7 +75,7 @@ def judge(
         else:
             if response_b is None:
                 _fail("a pairwise judge needs --response-b")
-            verdict = j.compare(image, label, response, response_b, fast=fast, swap_check=swap_check)
+            verdict = j.compare(image, label, response, response_b, swap_check=swap_check)
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return
@@ -82,12 +89,12 @@ def judge(
         raise typer.Exit(1)
 
 
-def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool) -> None:
+def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool, **options: bool) -> None:
     from dfj.batch import judge_jsonl
     from dfj.report import progress_bar
 
     with progress_bar(f"judging ({j.mode})") as progress:
-        summary = judge_jsonl(j, source, out, resume=resume, overwrite=force, progress=progress)
+        summary = judge_jsonl(j, source, out, resume=resume, overwrite=force, progress=progress, **options)
     earlier = f", {summary.resumed} done by an earlier run" if summary.resumed else ""
     typer.echo(f"{summary.out}: {summary.lines} lines{earlier}; this run: {summary.judged} verdicts, "
                f"{summary.unparsed} outputs without a verdict, {summary.errors} input errors")

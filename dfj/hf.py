@@ -296,6 +296,26 @@ class ChatEncoder:
         """Untrusted text: special-token strings are ordinary characters."""
         return self.plain.encode(text, add_special_tokens=False).ids
 
+    def tokenize_as(self, text: str, special: bool) -> list[int]:
+        return self.tokenize(text) if special else self.tokenize_plain(text)
+
+    def encode_ids(self, image, ids) -> dict[str, Any]:
+        """Every model input for a prepared prompt: its one image pad expanded to the image's tokens,
+        the pixels from the processor's image processor, and the token types transformers needs."""
+        import torch
+
+        from dfj.runtime.base import image_block
+
+        at = image_block(ids, self.image_pad_id)
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt")
+        merge = self.processor.image_processor.merge_size
+        count = int(pixels["image_grid_thw"].prod()) // (merge * merge)
+        expanded = list(ids[:at]) + [self.image_pad_id] * count + list(ids[at + 1:])
+        input_ids = torch.tensor([expanded], dtype=torch.long)
+        types = (input_ids == self.image_pad_id).long()
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": types,
+                "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+
     def encode(self, image, chat: str) -> dict[str, Any]:
         """Every processor output for (image, chat), the prompt's ids spliced in as plain text."""
         import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -19,10 +19,26 @@ from dfj.images import PATCH_FACTOR, ImageInput, check_image, fit_to_grid, load_
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
 from dfj.runtime import Runtime
+from dfj.runtime.base import IMAGE_PAD, Prompt, Scoring
 from dfj.verdicts import PairwiseVerdict, PointwiseVerdict, failure
 
 Progress = Callable[[int, int], None]
+PairwiseMethod = Literal["answer", "generate"]
+PAIRWISE_METHODS: tuple[str, ...] = ("answer", "generate")
 ANSWER_BRANCHES = ("<answer>A</answer>", "<answer>B</answer>")
+# A one-forward pairwise verdict needs A and B to hold at least this much of the probability after the
+# forced `<answer>`; below it the judge is not answering, and the verdict is malformed (a parse failure).
+MIN_ANSWER_MASS = 0.5
+# Records of one image and label judged in one runtime call (DFJ: 5 responses or 10 pairs per image).
+GROUP_SIZE = 10
+
+
+@dataclass
+class _Prepared:
+    """One record ready for the runtime: its prompt (and, for a swap check, the prompt with A and B swapped)."""
+
+    prompt: Prompt
+    swapped: Prompt | None = None
 
 
 @dataclass
@@ -33,11 +49,15 @@ class Judge:
     manifest: Manifest | None = None
     max_new_tokens: int | None = None  # None: the reference limit for the mode (512 / 128)
     info: dict[str, Any] = field(default_factory=dict)
-    # Fast paths by default (prefix/vision reuse, one-forward pairwise); False: plain greedy generation.
-    fast: bool = True
+    # Pairwise verdicts: "answer" forces `<answer>` and reads P(A) vs P(B) in one forward pass (adds
+    # `p_a`); "generate" writes the greedy text, as the DFJ reference scripts do.
+    pairwise: PairwiseMethod = "answer"
 
     def __post_init__(self) -> None:
         prompts.check_mode(self.mode)
+        if self.pairwise not in PAIRWISE_METHODS:
+            raise ValueError(f"pairwise must be one of {', '.join(PAIRWISE_METHODS)}, not {self.pairwise!r}")
+        self._image_pad = self.runtime.tokenize(IMAGE_PAD, True)
 
     @property
     def runtime_name(self) -> str:
@@ -47,178 +67,96 @@ class Judge:
     def new_token_limit(self) -> int:
         return self.max_new_tokens or prompts.MAX_NEW_TOKENS[self.mode]
 
-    # -- single records ------------------------------------------------------------------------
-    def score(self, image: ImageInput, label: str, response: str, *, fast: bool | None = None,
-              expected_score: bool = False) -> PointwiseVerdict:
-        """Greedy verdict. `fast=True`: the runtime may reuse the image encoding and the KV state of the
-        prompt shared by records of the same image and label, and decoding stops at `</score>`.
-        `expected_score=True` adds Σ p(s)·s at the score position (one teacher-forced pass)."""
+    # -- single records: the batch path with one record; bad input raises ValueError ------------------
+    def score(self, image: ImageInput, label: str, response: str, *, expected_score: bool = False) -> PointwiseVerdict:
+        """Greedy verdict (decoding stops at `</score>`). `expected_score=True` adds Σ p(s)·s at the score
+        position (one teacher-forced pass)."""
         self._require("pointwise", "score")
-        fast = self.fast if fast is None else fast
-        pil, chat = self._prepare(image, label, (response,))
-        if fast:
-            prefix = self._prefix_chars(chat, label)
-            ids = self.runtime.generate_ids_cached(pil, chat, self.new_token_limit, prefix, stop="</score>")
-            verdict = parse_pointwise(self.runtime.decode(ids))
-        else:
-            verdict = parse_pointwise(self.runtime.generate(pil, chat, self.new_token_limit))
-        if expected_score and verdict.ok:
-            verdict.expected_score = self._expected_score(pil, chat, verdict.text, label if fast else None)
-        return verdict
+        prepared = self._prepare(image, label, (response,))
+        return _raised(self._pointwise([prepared], expected_score)[0])
 
     def compare(self, image: ImageInput, label: str, response_a: str, response_b: str, *,
-                fast: bool | None = None, swap_check: bool = False) -> PairwiseVerdict:
-        """Greedy verdict, or with `fast=True` one forward pass: force `<answer>` and read P(A) vs P(B)
-        (`p_a`). `swap_check=True` also judges B-vs-A and reports whether the orders agree."""
+                swap_check: bool = False) -> PairwiseVerdict:
+        """The verdict by the judge's pairwise method. `swap_check=True` also judges B-vs-A and reports
+        whether the two orders agree."""
         self._require("pairwise", "compare")
-        fast = self.fast if fast is None else fast
-        verdict = self._compare_once(image, label, response_a, response_b, fast)
-        if swap_check and verdict.ok:
-            swapped = self._compare_once(image, label, response_b, response_a, fast)
-            if swapped.ok:
-                verdict.swapped_choice = "B" if swapped.choice == "A" else "A"
-                verdict.swap_consistent = verdict.swapped_choice == verdict.choice
-        return verdict
+        prepared = self._prepare(image, label, (response_a, response_b), swap_check)
+        return _raised(self._pairwise([prepared])[0])
 
-    def _compare_once(self, image, label, response_a, response_b, fast: bool) -> PairwiseVerdict:
-        pil, chat = self._prepare(image, label, (response_a, response_b))
-        if not fast:
-            return parse_pairwise(self.runtime.generate(pil, chat, self.new_token_limit))
-        forced, at, tokens = self._answer_plan()
-        rows = self.runtime.logprobs_ids_cached(pil, chat, forced, self._prefix_chars(chat, label))
-        return _pairwise_verdict(rows[at], tokens)
-
-    def _answer_plan(self) -> tuple[list[int], int, list[int]]:
-        plan = self._branch_plan("", list(ANSWER_BRANCHES))
-        if plan is None:
-            raise RuntimeError("this tokenizer does not split <answer>A / <answer>B at one token; use fast=False")
-        return plan
-
-    def _expected_score(self, pil, chat: str, text: str, label: str | None) -> float | None:
-        head = text[: text.index("<score>") + len("<score>")]
-        prefix = self._prefix_chars(chat, label) if label is not None else None
-        probabilities = self._branch_probabilities(pil, chat, head, [str(s) for s in range(1, 6)], prefix)
-        if probabilities is None:
-            return None
-        total = sum(probabilities)
-        return float(sum(p * s for p, s in zip(probabilities, range(1, 6))) / total)
-
-    def _branch_probabilities(self, pil, chat: str, head: str, branches: list[str],
-                              prefix_chars: int | None = None) -> list[float] | None:
-        """P of each branch's first own token after `head`, from one teacher-forced pass; None when
-        the branches do not part at one token."""
-        plan = self._branch_plan(head, branches)
-        if plan is None:
-            return None
-        forced, at, tokens = plan
-        if prefix_chars is None:
-            rows = self.runtime.logprobs_ids(pil, chat, forced)
-        else:
-            rows = self.runtime.logprobs_ids_cached(pil, chat, forced, prefix_chars)
-        return [float(np.exp(rows[at][token])) for token in tokens]
-
-    def _branch_plan(self, head: str, branches: list[str]) -> tuple[list[int], int, list[int]] | None:
-        """(ids to force, index of the row where the branches part, each branch's token there).
-
-        The branches are tokenized with the head (BPE can merge across the join); their shared token
-        prefix is forced and the next token must differ between branches, else None."""
-        tokenized = [self.runtime.tokenize(head + branch) for branch in branches]
-        shared = 0
-        while all(len(ids) > shared for ids in tokenized) and len({ids[shared] for ids in tokenized}) == 1:
-            shared += 1
-        if any(len(ids) <= shared for ids in tokenized) or len({ids[shared] for ids in tokenized}) != len(branches):
-            return None
-        return tokenized[0][: shared + 1], shared, [ids[shared] for ids in tokenized]
+    def judge(self, record: Any, *, expected_score: bool = False, swap_check: bool = False) -> PointwiseVerdict | PairwiseVerdict:
+        """Judge one record (a dfj record or a mapping) according to the judge's mode."""
+        rec = record_from_mapping(record, self.mode)
+        if isinstance(rec, PointwiseRecord):
+            return self.score(rec.image, rec.label, rec.response, expected_score=expected_score)
+        return self.compare(rec.image, rec.label, rec.response_a, rec.response_b, swap_check=swap_check)
 
     def prompt_ids(self, image: ImageInput, label: str, *responses: str) -> list[int]:
-        """The token ids the runtime runs for this judge call (each image token as `<|image_pad|>`), for
+        """The token ids the runtime runs for this judge call, each image token as `<|image_pad|>`, for
         inspection: the responses are plain text in them, so the only control tokens are the chat
         template's, whatever a response holds."""
-        pil, chat = self._prepare(image, label, responses)
-        return self.runtime.prompt_ids(pil, chat)
+        prompt = self._prepare(image, label, responses).prompt
+        pad = self._image_pad[0]
+        at = prompt.ids.index(pad)
+        return list(prompt.ids[:at]) + [pad] * self._image_tokens(prompt.image) + list(prompt.ids[at + 1:])
 
     def logprobs(self, image: ImageInput, label: str, *responses: str, continuation: str) -> np.ndarray:
         """Teacher-forced log-probabilities (continuation tokens x vocabulary) of `continuation` after
         the judge prompt: the basis of logit-level parity (KL divergence) between runtimes."""
         if not isinstance(continuation, str) or not continuation:
             raise ValueError("continuation must be a non-empty string")
-        pil, chat = self._prepare(image, label, responses)
-        return self.runtime.logprobs(pil, chat, continuation)
+        prompt = self._prepare(image, label, responses).prompt
+        forced = tuple(self.runtime.tokenize(continuation, True))
+        return _raised(self.runtime.score([prompt], [Scoring(forced, full=True)])[0]).rows
 
-    def judge(self, record: Any) -> PointwiseVerdict | PairwiseVerdict:
-        """Judge one record (a dfj record or a mapping) according to the judge's mode."""
-        rec = record_from_mapping(record, self.mode)
-        if isinstance(rec, PointwiseRecord):
-            return self.score(rec.image, rec.label, rec.response)
-        return self.compare(rec.image, rec.label, rec.response_a, rec.response_b)
-
-    # -- batches -------------------------------------------------------------------------------
-    def score_many(self, records: Iterable[Any], progress: Progress | None = None) -> list[PointwiseVerdict]:
+    # -- batches: consecutive records of one image and label are one runtime call ---------------------
+    def score_many(self, records: Iterable[Any], progress: Progress | None = None, *,
+                   expected_score: bool = False) -> list[PointwiseVerdict]:
         self._require("pointwise", "score_many")
-        return self._many(records, progress)  # type: ignore[return-value]
+        return self._many(records, progress, expected_score=expected_score)  # type: ignore[return-value]
 
-    def compare_many(self, records: Iterable[Any], progress: Progress | None = None) -> list[PairwiseVerdict]:
+    def compare_many(self, records: Iterable[Any], progress: Progress | None = None, *,
+                     swap_check: bool = False) -> list[PairwiseVerdict]:
         self._require("pairwise", "compare_many")
-        return self._many(records, progress)  # type: ignore[return-value]
+        return self._many(records, progress, swap_check=swap_check)  # type: ignore[return-value]
 
-    def judge_many(self, records: Iterable[Any], progress: Progress | None = None) -> list[PointwiseVerdict | PairwiseVerdict]:
-        return self._many(records, progress)
+    def judge_many(self, records: Iterable[Any], progress: Progress | None = None, *, expected_score: bool = False,
+                   swap_check: bool = False) -> list[PointwiseVerdict | PairwiseVerdict]:
+        return self._many(records, progress, expected_score=expected_score, swap_check=swap_check)
 
-    def _many(self, records: Iterable[Any], progress: Progress | None) -> list[PointwiseVerdict | PairwiseVerdict]:
+    def _many(self, records: Iterable[Any], progress: Progress | None, expected_score: bool = False,
+              swap_check: bool = False) -> list[PointwiseVerdict | PairwiseVerdict]:
+        """Consecutive records on the same image and label run as one group (one runtime call); a
+        record that fails to prepare or to run gets its own error, the others are unaffected. Groups run
+        as soon as they are complete, so only one group's images are held at a time."""
         items = list(records)
-        if self.fast:
-            return self._batched(items, progress)
-        verdicts = []
-        for index, record in enumerate(items):
-            try:
-                verdicts.append(self.judge(record))
-            except Exception as exc:  # a runtime failure on one record must not lose the others
-                verdicts.append(self._failed(index, record, _error_text(exc)))
-            if progress:
-                progress(index + 1, len(items))
-        return verdicts
-
-    def _batched(self, items: list[Any], progress: Progress | None, size: int = 10) -> list[PointwiseVerdict | PairwiseVerdict]:
-        """Consecutive records on the same image and label run together as one padded batch (the DFJ
-        layout: 5 responses or 10 pairs per image); a record that fails to prepare or to run gets its
-        own error, the others are unaffected. Groups run as soon as they are complete, so only one
-        group's images are held at a time."""
         verdicts: list[PointwiseVerdict | PairwiseVerdict | None] = [None] * len(items)
-        group: list[tuple[int, Any, str, int]] = []
+        group: list[tuple[int, _Prepared]] = []
         group_key = None
 
         def run_group() -> None:
+            prepared = [p for _, p in group]
             try:
-                if self.mode == "pointwise":
-                    outputs = self.runtime.generate_ids_batch([(pil, chat, prefix) for _, pil, chat, prefix in group],
-                                                              self.new_token_limit, stop="</score>")
-                else:
-                    forced, at, tokens = self._answer_plan()
-                    outputs = self.runtime.logprobs_ids_batch([(pil, chat, forced, prefix) for _, pil, chat, prefix in group])
+                results = (self._pointwise(prepared, expected_score) if self.mode == "pointwise"
+                           else self._pairwise(prepared))
             except Exception as exc:  # the group could not run at all: every record in it says why
-                outputs = [exc] * len(group)
-            for (index, *_), output in zip(group, outputs):
-                try:
-                    if isinstance(output, Exception):
-                        raise output
-                    verdicts[index] = (parse_pointwise(self.runtime.decode(output)) if self.mode == "pointwise"
-                                       else _pairwise_verdict(output[at], tokens))
-                except Exception as exc:  # one record's failure must not lose the others
-                    verdicts[index] = self._failed(index, items[index], _error_text(exc))
+                results = [exc] * len(group)
+            for (index, _), result in zip(group, results):
+                verdicts[index] = (self._failed(index, items[index], _error_text(result))
+                                   if isinstance(result, Exception) else result)
             group.clear()
 
         for index, record in enumerate(items):
             try:
                 rec = record_from_mapping(record, self.mode)
-                pil, chat = self._prepare(rec.image, rec.label, rec.responses())
+                prepared = self._prepare(rec.image, rec.label, rec.responses(), swap_check)
             except Exception as exc:
                 verdicts[index] = self._failed(index, record, _error_text(exc))
             else:
-                key = (rec.image if isinstance(rec.image, str) else id(rec.image), rec.label.strip().lower())
-                if group and (key != group_key or len(group) >= size):
+                key = (rec.image if isinstance(rec.image, str) else prepared.prompt.image_key, rec.label.strip().lower())
+                if group and (key != group_key or len(group) >= GROUP_SIZE):
                     run_group()
                 group_key = key
-                group.append((index, pil, chat, self._prefix_chars(chat, rec.label)))
+                group.append((index, prepared))
             if progress:
                 progress(index + 1 - len(group), len(items))
         if group:
@@ -227,38 +165,115 @@ class Judge:
             progress(len(items), len(items))
         return verdicts  # type: ignore[return-value]
 
+    # -- one group, one runtime call -----------------------------------------------------------------
+    def _pointwise(self, group: list[_Prepared], expected_score: bool) -> list[Any]:
+        outputs = self.runtime.generate([p.prompt for p in group], self.new_token_limit, stop="</score>")
+        verdicts = [out if isinstance(out, Exception) else parse_pointwise(self.runtime.decode(out)) for out in outputs]
+        if expected_score:
+            self._add_expected_scores(group, verdicts)
+        return verdicts
+
+    def _add_expected_scores(self, group: list[_Prepared], verdicts: list[Any]) -> None:
+        todo = []
+        for prepared, verdict in zip(group, verdicts):
+            if isinstance(verdict, PointwiseVerdict) and verdict.ok:
+                head = verdict.text[: verdict.text.index("<score>") + len("<score>")]
+                plan = self._branch_plan(head, [str(s) for s in range(1, 6)])
+                if plan is not None:
+                    todo.append((verdict, prepared.prompt, plan))
+        if not todo:
+            return
+        scores = self.runtime.score([prompt for _, prompt, _ in todo],
+                                    [Scoring(tuple(forced), tokens=tuple(tokens)) for _, _, (forced, _, tokens) in todo])
+        for (verdict, _, (_, at, _)), result in zip(todo, scores):
+            if isinstance(result, Exception):
+                verdict.error = f"expected score: {_error_text(result)}"
+                continue
+            probabilities = np.exp(result.tokens[at].astype(np.float64))
+            verdict.expected_score = float((probabilities * np.arange(1, 6)).sum() / probabilities.sum())
+
+    def _pairwise(self, group: list[_Prepared]) -> list[Any]:
+        prompts_ = [p.prompt for p in group] + [p.swapped for p in group if p.swapped is not None]
+        if self.pairwise == "answer":
+            forced, at, tokens = self._answer_plan()
+            results = self.runtime.score(prompts_, [Scoring(tuple(forced), tokens=tuple(tokens))] * len(prompts_))
+            verdicts = [r if isinstance(r, Exception) else _pairwise_verdict(r.tokens[at]) for r in results]
+        else:
+            outputs = self.runtime.generate(prompts_, self.new_token_limit, stop="</answer>")
+            verdicts = [o if isinstance(o, Exception) else parse_pairwise(self.runtime.decode(o)) for o in outputs]
+        swapped = iter(verdicts[len(group):])
+        for prepared, verdict in zip(group, verdicts):
+            if prepared.swapped is None:
+                continue
+            other = next(swapped)
+            if isinstance(verdict, PairwiseVerdict) and verdict.ok and isinstance(other, PairwiseVerdict) and other.ok:
+                verdict.swapped_choice = "B" if other.choice == "A" else "A"
+                verdict.swap_consistent = verdict.swapped_choice == verdict.choice
+        return verdicts[: len(group)]
+
+    def _answer_plan(self) -> tuple[list[int], int, list[int]]:
+        plan = self._branch_plan("", list(ANSWER_BRANCHES))
+        if plan is None:
+            raise RuntimeError("this tokenizer does not split <answer>A / <answer>B at one token; use pairwise='generate'")
+        return plan
+
+    def _branch_plan(self, head: str, branches: list[str]) -> tuple[list[int], int, list[int]] | None:
+        """(ids to force, index of the row where the branches part, each branch's token there).
+
+        The branches are tokenized with the head (BPE can merge across the join); their shared token
+        prefix is forced and the next token must differ between branches, else None."""
+        tokenized = [self.runtime.tokenize(head + branch, True) for branch in branches]
+        shared = 0
+        while all(len(ids) > shared for ids in tokenized) and len({ids[shared] for ids in tokenized}) == 1:
+            shared += 1
+        if any(len(ids) <= shared for ids in tokenized) or len({ids[shared] for ids in tokenized}) != len(branches):
+            return None
+        return tokenized[0][: shared + 1], shared, [ids[shared] for ids in tokenized]
+
     def _failed(self, index: int, record: Any, message: str) -> PointwiseVerdict | PairwiseVerdict:
         line = getattr(record, "line", None)
-        where = f"record {index}" + (f" (line {line})" if line else "")
-        return failure(self.mode, f"{where}: {message}")
+        return failure(self.mode, f"line {line}: {message}" if line else f"record {index}: {message}")
 
     # -- shared preparation --------------------------------------------------------------------
-    def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...]):
+    def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...], swap_check: bool = False) -> _Prepared:
+        """The record as token ids: the chat template's text with its control tokens, the prompt (label
+        and responses) as plain text; its head is the chat up to the first response."""
         prompt = prompts.render(self.mode, label, *responses)
         for name, response in zip(_response_names(self.mode), responses):
             _check_judgeable(name, response)
         # Resized once here, for every runtime alike (see dfj.images).
         pil = fit_to_grid(check_image(load_image(image), self.runtime.limits), self.runtime.limits)
-        chat = prompts.render_chat(prompt)
-        self._check_context(pil, chat)
-        return pil, chat
+        first = self._prompt(pil, prompt, label)
+        self._check_context(first)
+        swapped = None
+        if swap_check and self.mode == "pairwise":
+            swapped = self._prompt(pil, prompts.render(self.mode, label, responses[1], responses[0]), label)
+        return _Prepared(first, swapped)
 
-    def _prefix_chars(self, chat: str, label: str) -> int:
-        """Length of the chat text every record of this image and label shares (up to the first
-        response): what a runtime may serve from its prefix cache."""
-        head = prompts.prompt_head(self.mode, label)
-        start = chat.find(head)
-        return start + len(head) if start >= 0 else 0
+    def _prompt(self, pil, prompt: str, label: str) -> Prompt:
+        tokenize = self.runtime.tokenize
+        head_text, user, rest = prompts.split_chat(prompts.render_chat(prompt))
+        head, body = tokenize(head_text, True), tokenize(user, False)
+        # The tokens of the prompt's shared part (up to the first response) that the whole prompt starts
+        # with: BPE may merge across the join, so only the common leading tokens count.
+        shared = tokenize(prompts.prompt_head(self.mode, label), False)
+        common = 0
+        while common < min(len(shared), len(body)) and shared[common] == body[common]:
+            common += 1
+        return Prompt(pil, tuple(head + body + tokenize(rest, True)), len(head) + common)
 
-    def _check_context(self, image, chat: str) -> None:
+    def _image_tokens(self, image) -> int:
+        height, width = smart_resize(image.height, image.width, self.runtime.limits)
+        return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
+
+    def _check_context(self, prompt: Prompt) -> None:
         """A prompt that does not fit the model's context is an error, never silently truncated."""
         context = getattr(self.runtime, "context_length", None)
         if not context:
             return
-        height, width = smart_resize(image.height, image.width, self.runtime.limits)
-        image_tokens = (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
-        # The chat holds one <|image_pad|> that the processor expands to the image's tokens.
-        needed = len(self.runtime.tokenize_chat(chat)) - 1 + image_tokens + self.new_token_limit
+        image_tokens = self._image_tokens(prompt.image)
+        # The prompt holds one <|image_pad|> that the runtime expands to the image's tokens.
+        needed = len(prompt.ids) - 1 + image_tokens + self.new_token_limit
         if needed > context:
             raise ValueError(
                 f"prompt is too long: {needed - self.new_token_limit} tokens (image {image_tokens}) plus "
@@ -271,13 +286,25 @@ class Judge:
             raise ValueError(f"{method}() needs a {mode} judge; this is a {self.mode} judge (use {other}())")
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "mode": self.mode, **self.runtime.describe(), **self.info}
+        return {"source": self.source, "mode": self.mode, "pairwise": self.pairwise, **self.runtime.describe(), **self.info}
 
 
-def _pairwise_verdict(row: np.ndarray, tokens: list[int]) -> PairwiseVerdict:
-    """The one-forward verdict from the log-probabilities at the answer letter: P(A) renormalised over A and B."""
-    p_a, p_b = float(np.exp(row[tokens[0]])), float(np.exp(row[tokens[1]]))
-    share = p_a / (p_a + p_b)
+def _raised(result: Any) -> Any:
+    """A single call's result, or the exception the runtime gave for it raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _pairwise_verdict(answer: np.ndarray) -> PairwiseVerdict:
+    """The one-forward verdict from the log-probabilities of A and B at the answer letter: P(A)
+    renormalised over A and B; malformed when A and B together hold too little of the probability."""
+    p_a, p_b = float(np.exp(answer[0])), float(np.exp(answer[1]))
+    share = p_a / (p_a + p_b) if p_a + p_b > 0 else 0.5
+    if p_a + p_b < MIN_ANSWER_MASS:
+        return PairwiseVerdict(choice=None, text="<answer>", p_a=share,
+                               error=f"after <answer> the letters A and B hold {p_a + p_b:.1%} of the probability "
+                                     f"(less than {MIN_ANSWER_MASS:.0%}): no verdict")
     choice = "A" if share >= 0.5 else "B"
     return PairwiseVerdict(choice=choice, text=f"<answer>{choice}</answer>", p_a=share)
 
@@ -308,13 +335,14 @@ def load_judge(
     *,
     max_new_tokens: int | None = None,
     verify: bool = True,
-    fast: bool = True,
+    pairwise: PairwiseMethod = "answer",
     **options: Any,
 ) -> Judge:
     """Load a judge from a local folder (merged model, adapter, dfj artifact) or a Hugging Face id.
 
     `runtime=None` picks the runtime the artifact's format needs (`onnx` for an ONNX export, else `torch`).
-    `fast=False` makes every call take the reference path (plain greedy generation, no caches).
+    `pairwise="answer"` (default) reads P(A) vs P(B) after a forced `<answer>` in one forward pass;
+    `pairwise="generate"` writes the greedy text, as the DFJ reference scripts do.
     `verify=False` skips the checksum pass over the artifact files (it reads every byte).
     """
     from dfj import runtime as runtimes
@@ -332,4 +360,4 @@ def load_judge(
         runtime = runtimes.runtime_for(resolved.manifest)
     backend = runtimes.create(runtime, resolved, device=device, dtype=dtype, **options)
     return Judge(runtime=backend, mode=resolved.mode, source=resolved.name, manifest=resolved.manifest,
-                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind}, fast=fast)
+                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind}, pairwise=pairwise)

@@ -106,3 +106,41 @@ def test_cli_killed_then_resumed_matches_an_uninterrupted_run(batch_input, unint
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{done} done by an earlier run" in rerun.stdout
     assert out.read_bytes() == uninterrupted[0].read_bytes()
+
+
+def _scripted_jsonl(folder, lines: int):
+    """`lines` pairwise records in runs of five on four images, on disk."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (56, 56), (40 * i, 9, 9)).save(folder / "images" / f"{i}.png")
+    with open(folder / "data.jsonl", "w", encoding="utf-8") as handle:
+        for n in range(lines):
+            handle.write(json.dumps({"image": f"images/{n // 5 % 4}.png", "label": "fake",
+                                     "response_a": f"a {n}", "response_b": f"b {n}"}) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_a_100k_line_file_is_judged_in_the_memory_of_a_1k_line_file(tmp_path):
+    """Input streamed, one group held at a time: the peak private memory of judging 100,000 lines (scripted
+    runtime) stays within 50 MB of judging 1,000."""
+    from dfj.bench.memory import measure
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    peaks = {}
+    for lines in (1_000, 100_000):
+        data = _scripted_jsonl(tmp_path / str(lines), lines)
+        # The scripted runtime keeps its calls for inspection; here it keeps none.
+        code = (f"import sys; sys.path.insert(0, {tests!r}); from test_judge_contract import ScriptedRuntime; "
+                f"from dfj.judge import Judge; from dfj.batch import judge_jsonl; "
+                f"runtime = ScriptedRuntime([]); runtime.calls = type('Forget', (list,), {{'append': lambda self, item: None}})(); "
+                f"s = judge_jsonl(Judge(runtime, 'pairwise'), {str(data)!r}, {str(data.with_suffix('.out'))!r}); "
+                f"assert s.judged == {lines}, s")
+        measured = measure(code)
+        assert measured.exit_code == 0, measured.output_tail
+        peaks[lines] = measured.peak_anon
+        assert sum(1 for _ in open(data.with_suffix(".out"), "rb")) == lines
+    print(f"\npeak private memory (MB): { {k: round(v / 1e6, 1) for k, v in peaks.items()} }")
+    assert peaks[100_000] - peaks[1_000] < 50e6, peaks

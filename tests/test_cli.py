@@ -64,3 +64,29 @@ def test_export_info_and_judge_end_to_end(tiny, tiny_split, tmp_path):
     (out / "config.json").write_text("{}")
     result = runner.invoke(app, ["info", str(out), "--verify"])
     assert result.exit_code == 2 and "config.json does not match" in result.output
+
+
+@pytest.mark.slow
+def test_judge_data_takes_the_pairwise_method_and_swap_check(tmp_path):
+    """`--pairwise answer|generate` and `--swap-check` reach the batch path; mode-specific flags are refused
+    on the other mode."""
+    from batch_parity import shuffled_split
+    from dfj.testing import trained_tiny_judge, trained_tiny_split
+
+    data, bad = shuffled_split(trained_tiny_split("pairwise", "test"), tmp_path / "split", 8)
+    judge = str(trained_tiny_judge("pairwise"))
+    rows = {}
+    for method in ("answer", "generate"):
+        out = tmp_path / f"{method}.jsonl"
+        result = runner.invoke(app, ["judge", judge, "--jsonl", str(data), "--out", str(out), "--pairwise", method, "--swap-check"])
+        assert result.exit_code == 0, result.output
+        rows[method] = [json.loads(line)["dfj"] for line in out.read_text(encoding="utf-8").splitlines()]
+    good = [i for i in range(9) if i != bad]
+    assert all(rows["answer"][i]["p_a"] is not None and rows["answer"][i]["swap_consistent"] is not None for i in good)
+    assert all(rows["generate"][i]["p_a"] is None and rows["generate"][i]["swap_consistent"] is not None for i in good)
+    assert [rows["answer"][i]["choice"] for i in good] == [rows["generate"][i]["choice"] for i in good]
+    assert "is empty" in rows["answer"][bad]["error"]
+    refused = runner.invoke(app, ["judge", judge, "--jsonl", str(data), "--out", str(tmp_path / "x.jsonl"), "--expected-score"])
+    assert refused.exit_code == 2 and "--expected-score" in refused.output
+    refused = runner.invoke(app, ["judge", judge, "--jsonl", str(data), "--out", str(tmp_path / "x.jsonl"), "--pairwise", "fast"])
+    assert refused.exit_code == 2 and "answer, generate" in refused.output

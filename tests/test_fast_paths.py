@@ -1,4 +1,5 @@
-"""One-forward pairwise verdicts (p_a), probability-weighted scores and the position-bias check."""
+"""The batch-first judging path on the torch runtime: one-forward pairwise verdicts (p_a), probability-
+weighted scores, the position-bias check, grouped batches equal to one record at a time."""
 
 import math
 
@@ -7,21 +8,22 @@ import pytest
 from PIL import Image
 
 from dfj.judge import Judge
-from test_judge_contract import ScriptedRuntime
+from test_judge_contract import ScriptedRuntime, chat_of
 
 IMG = Image.new("RGB", (40, 40), (9, 9, 9))
 
 
 def test_swap_check_maps_the_swapped_verdict_back_to_the_original_letters():
     runtime = ScriptedRuntime(["<answer>A</answer>", "<answer>A</answer>"])  # position bias: always A
-    verdict = Judge(runtime, "pairwise", fast=False).compare(IMG, "fake", "first", "second", swap_check=True)
+    verdict = Judge(runtime, "pairwise", pairwise="generate").compare(IMG, "fake", "first", "second", swap_check=True)
     assert verdict.choice == "A" and verdict.swapped_choice == "B" and verdict.swap_consistent is False
-    assert "Response A:" in runtime.calls[1][1] and runtime.calls[1][1].index("second") < runtime.calls[1][1].index("first")
+    swapped = chat_of(runtime.calls[0][1][1])
+    assert "Response A:" in swapped and swapped.index("second") < swapped.index("first")
     runtime = ScriptedRuntime(["<answer>B</answer>", "<answer>A</answer>"])
-    verdict = Judge(runtime, "pairwise", fast=False).compare(IMG, "fake", "first", "second", swap_check=True)
+    verdict = Judge(runtime, "pairwise", pairwise="generate").compare(IMG, "fake", "first", "second", swap_check=True)
     assert verdict.choice == "B" and verdict.swapped_choice == "B" and verdict.swap_consistent is True
     runtime = ScriptedRuntime(["<answer>B</answer>"])
-    assert Judge(runtime, "pairwise", fast=False).compare(IMG, "fake", "a", "b").swap_consistent is None
+    assert Judge(runtime, "pairwise", pairwise="generate").compare(IMG, "fake", "a", "b").swap_consistent is None
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +39,27 @@ def trained():
 @pytest.mark.slow
 def test_one_forward_pairwise_gives_the_greedy_choice_on_every_record(trained):
     judge, records = trained["pairwise"]
-    for record in records[:40]:
-        greedy = judge.compare(record.image, record.label, record.response_a, record.response_b, fast=False)
-        fast = judge.compare(record.image, record.label, record.response_a, record.response_b, fast=True)
-        assert greedy.ok and fast.ok
-        assert fast.choice == greedy.choice and fast.text == greedy.text
-        assert 0.0 <= fast.p_a <= 1.0 and (fast.p_a >= 0.5) == (fast.choice == "A")
+    generating = Judge(judge.runtime, "pairwise", pairwise="generate")
+    batch = records[:40]
+    greedy = generating.compare_many(batch)
+    answer = judge.compare_many(batch)
+    for g, a in zip(greedy, answer):
+        assert g.ok and a.ok
+        assert a.choice == g.choice and a.text == g.text
+        assert 0.0 <= a.p_a <= 1.0 and (a.p_a >= 0.5) == (a.choice == "A")
+
+
+@pytest.mark.slow
+def test_the_cached_path_writes_what_transformers_generate_writes(trained):
+    """The reference scripts' path (transformers `generate`, no caches) and the grouped cached path:
+    the same greedy text on records sharing images."""
+    judge, records = trained["pointwise"]
+    batch = records[:10]
+    verdicts = judge.score_many(batch)
+    for record, verdict in zip(batch, verdicts):
+        prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+        reference = judge.runtime.decode(judge.runtime.reference_generate(prompt, judge.new_token_limit))
+        assert reference.startswith(verdict.text) and verdict.text.endswith("</score>")
 
 
 @pytest.mark.slow
@@ -53,7 +70,7 @@ def test_expected_score_is_the_hand_computed_sum_from_logprobs(trained):
         verdict = judge.score(record.image, record.label, record.response, expected_score=True)
         assert verdict.ok and 1.0 <= verdict.expected_score <= 5.0
         head = verdict.text[: verdict.text.index("<score>") + len("<score>")]
-        digits = [runtime.tokenize(head + str(s))[-1] for s in range(1, 6)]
+        digits = [runtime.tokenize(head + str(s), True)[-1] for s in range(1, 6)]
         rows = judge.logprobs(record.image, record.label, record.response, continuation=head + str(verdict.score))
         p = np.exp(rows[-1][digits].astype(np.float64))
         assert verdict.expected_score == pytest.approx(float((p * np.arange(1, 6)).sum() / p.sum()), abs=1e-5)
@@ -63,58 +80,21 @@ def test_expected_score_is_the_hand_computed_sum_from_logprobs(trained):
 @pytest.mark.slow
 def test_swap_check_on_the_trained_judge(trained):
     judge, records = trained["pairwise"]
-    verdicts = [judge.compare(r.image, r.label, r.response_a, r.response_b, fast=True, swap_check=True) for r in records[:10]]
+    verdicts = judge.compare_many(records[:10], swap_check=True)
     assert all(v.swapped_choice in ("A", "B") and v.swap_consistent == (v.swapped_choice == v.choice) for v in verdicts)
     assert not math.isnan(sum(v.p_a for v in verdicts))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
-def test_cached_and_uncached_paths_agree_on_mixed_batches(trained, mode):
-    """Records interleaved across images and labels (cache hits, misses and evictions), responses of
-    different lengths: identical verdicts, logits within 1e-4."""
-    import random
-
-    judge, records = trained[mode]
-    mixed = records[:30]
-    random.Random(0).shuffle(mixed)
-    assert len({r.image for r in mixed}) >= 3 and len({r.label for r in mixed}) >= 2
-    fast = judge.judge_many(mixed)
-    slow = [judge.score(r.image, r.label, r.response, fast=False) if mode == "pointwise"
-            else judge.compare(r.image, r.label, r.response_a, r.response_b, fast=False) for r in mixed]
-    assert [v.text for v in fast] == [v.text for v in slow]
-    runtime = judge.runtime
-    for record, verdict in list(zip(mixed, slow))[:6]:
-        pil, chat = judge._prepare(record.image, record.label, record.responses())
-        ids = runtime.tokenize(verdict.text)
-        cached = runtime.logprobs_ids_cached(pil, chat, ids, judge._prefix_chars(chat, record.label))
-        assert np.abs(cached - runtime.logprobs_ids(pil, chat, ids)).max() <= 1e-4
-    stats = runtime.cached.stats
-    assert stats["prefix_hits"] > 0 and stats["vision_hits"] > 0
-
-
-@pytest.mark.slow
-def test_batched_decoding_of_records_sharing_an_image_gives_the_same_verdicts(trained):
-    """score_many decodes the responses of one image together (padded, masked): same outputs."""
-    judge, records = trained["pointwise"]
-    batch = records[:15]  # three images, five responses each
-    before = judge.runtime.cached.seconds["decode"]
-    batched = judge.score_many(batch)
-    plain = [judge.score(r.image, r.label, r.response, fast=False) for r in batch]
-    assert [v.text for v in batched] == [v.text for v in plain]
-    assert judge.runtime.cached.seconds["decode"] > before
-
-
-@pytest.mark.slow
-def test_batched_pairwise_of_records_sharing_an_image_gives_the_same_p_a(trained, monkeypatch):
-    """compare_many runs the pairs of one image as one padded batch: same choices as greedy, p_a as
-    one record at a time (≤ 1e-4); a bad record inside a group gets its own error."""
+def test_judging_a_file_in_groups_equals_one_record_at_a_time(trained, mode, tmp_path, monkeypatch):
+    """`dfj judge --data`: records in runs of one image and label shuffled across images and labels
+    (cache hits, misses and evictions), a bad record inside a group; groups really run batched."""
+    from batch_parity import assert_batch_equals_single
     from dfj.runtime.torch_cache import CachedForward
+    from dfj.testing import trained_tiny_split
 
-    judge, records = trained["pairwise"]
-    batch = list(records[:20])
-    assert len({r.image for r in batch}) < len(batch)  # several pairs per image: groups form
-    bad = dict(image=batch[3].image, label=batch[3].label, response_a="   ", response_b="fine")
+    judge, _ = trained[mode]
     batched_rows = []
     original = CachedForward._padded_suffixes
 
@@ -123,11 +103,23 @@ def test_batched_pairwise_of_records_sharing_an_image_gives_the_same_p_a(trained
         return original(self, group)
 
     monkeypatch.setattr(CachedForward, "_padded_suffixes", spy)
-    batched = judge.compare_many(batch[:3] + [bad] + batch[3:])
+    assert_batch_equals_single(judge, trained_tiny_split(mode, "test"), tmp_path, n=30)
     assert batched_rows and max(batched_rows) > 1
-    assert not batched[3].ok and "record 3" in batched[3].error and "response_a is empty" in batched[3].error
-    batched = batched[:3] + batched[4:]
-    single = [judge.compare(r.image, r.label, r.response_a, r.response_b) for r in batch]
-    greedy = [judge.compare(r.image, r.label, r.response_a, r.response_b, fast=False) for r in batch]
-    assert [v.choice for v in batched] == [v.choice for v in single] == [v.choice for v in greedy]
-    assert max(abs(a.p_a - b.p_a) for a, b in zip(batched, single)) <= 1e-4
+    stats = judge.runtime.cached.stats
+    assert stats["prefix_hits"] > 0 and stats["vision_hits"] > 0
+
+
+@pytest.mark.slow
+def test_scores_return_only_what_was_asked_and_match_full_rows(trained):
+    from dfj.runtime.base import Scoring
+
+    judge, records = trained["pairwise"]
+    record = records[0]
+    prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+    forced = tuple(judge.runtime.tokenize("<answer>A</answer>", True))
+    asked = Scoring(forced, tokens=(forced[1], forced[0]), top_k=3)
+    full, picked = judge.runtime.score([prompt, prompt], [Scoring(forced, full=True), asked])
+    assert picked.rows is None and picked.tokens.shape == (len(forced), 2) and picked.top_ids.shape == (len(forced), 3)
+    assert np.allclose(picked.tokens, full.rows[:, [forced[1], forced[0]]], atol=1e-5)
+    assert (picked.top_ids[:, 0] == full.rows.argmax(-1)).all()
+    assert np.allclose(np.exp(full.rows).sum(-1), 1.0, atol=1e-4)

@@ -78,10 +78,10 @@ def test_tokenizer_matches_torch_on_varied_strings(gguf, judges):
     assert len(strings) >= 200
     ours = judges(gguf["pointwise", "f32"]).runtime
     theirs = judges(trained_tiny_judge("pointwise"), dtype="float32").runtime
-    mismatched = [s for s in strings if ours.tokenize(s) != theirs.tokenize(s)]
+    mismatched = [s for s in strings if ours.tokenize(s, True) != theirs.tokenize(s, True)]
     assert not mismatched, mismatched[:5]
     for text in strings[20:60]:  # and back: decode(tokenize(s)) round-trips where the reference does
-        ids = theirs.tokenize(text)
+        ids = theirs.tokenize(text, True)
         assert ours.decode(ids) == theirs.decode(ids)
 
 
@@ -116,13 +116,16 @@ def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records,
     from dfj.images import load_image
     from dfj.testing import trained_tiny_judge
 
-    ours = judges(gguf[mode, "f32"]).runtime
+    ours = judges(gguf[mode, "f32"])
     theirs = judges(trained_tiny_judge(mode), dtype="float32").runtime
     for record in records[mode][:6]:
-        image = fit_to_grid(load_image(record.image), ours.limits)
+        image = fit_to_grid(load_image(record.image), ours.runtime.limits)
         chat = prompts.render_chat(prompts.render(mode, record.label, *record.responses()))
-        expected = theirs.encode(image, chat)["input_ids"][0].tolist()
-        assert ours.prompt_ids(image, chat) == expected
+        expected = theirs.chat.encode(image, chat)["input_ids"][0].tolist()
+        assert ours.prompt_ids(record.image, record.label, *record.responses()) == expected
+        # and mtmd makes exactly that many image tokens of the image
+        prompt = ours._prepare(record.image, record.label, record.responses()).prompt
+        assert ours.runtime.image_embeddings(prompt).shape[0] == expected.count(theirs.chat.image_pad_id)
 
 
 @pytest.mark.parametrize("size", [(84, 112), (300, 120), (56, 560), (448, 336)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -131,7 +134,8 @@ def test_f32_vision_embeddings_match_transformers(gguf, judges, size):
 
     rng = np.random.default_rng(sum(size))
     image = fit_to_grid(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB"))
-    ours = judges(gguf["pointwise", "f32"]).runtime.image_embeddings(image)
+    judge = judges(gguf["pointwise", "f32"])
+    ours = judge.runtime.image_embeddings(judge._prepare(image, "fake", ("a response",)).prompt)
     reference = judges(gguf["merged"]).runtime  # the LoRA leaves the vision tower as it is
     inputs = reference.processor.image_processor(images=[image], return_tensors="pt")
     with torch.inference_mode():
@@ -164,45 +168,61 @@ def test_lossless_and_f16_match_the_reference_on_every_record(gguf, judges, reco
         assert [v.text for v in verdicts] == [v.text for v in expected]
     fields = ("score",) if mode == "pointwise" else ("choice",)
     assert [[getattr(v, f) for f in fields] for v in verdicts] == [[getattr(v, f) for f in fields] for v in expected]
-    reference = judges(trained_tiny_judge(mode), dtype="float32").runtime
+    reference = judges(trained_tiny_judge(mode), dtype="float32")
     klds = []
     for record, verdict in zip(records[mode], expected):
-        image = fit_to_grid(load_image(record.image), reference.limits)
-        chat = prompts.render_chat(prompts.render(mode, record.label, *record.responses()))
-        ids = reference.tokenize(verdict.text) + [reference.tokenize("<|im_end|>")[0]]
-        klds.extend(_kld(reference.logprobs_ids(image, chat, ids), judge.runtime.logprobs_ids(image, chat, ids)))
+        args = (record.image, record.label, *record.responses())
+        continuation = verdict.text + "<|im_end|>"
+        klds.extend(_kld(reference.logprobs(*args, continuation=continuation), judge.logprobs(*args, continuation=continuation)))
     assert len(klds) > RECORDS
     assert float(np.mean(klds)) <= KLD_BOUNDS[quant], float(np.mean(klds))
 
 
 def test_kv_reuse_across_records_gives_the_logits_of_a_fresh_runtime(gguf, records):
-    """The runtime keeps one KV sequence: records on one image reuse what they share; an image seen
-    before is not encoded again."""
-    from dfj import prompts
-    from dfj.images import load_image
-    from dfj.runtime.llamacpp import LlamaCppRuntime
+    """Sequence 0 keeps a group's head between calls: records on one image reuse what they share; an
+    image seen before is not encoded again; the results are those of a fresh runtime."""
+    import dfj
+    from dfj.runtime.base import Scoring
 
     by_image: dict[str, list] = {}
     for record in records["pointwise"]:
         by_image.setdefault(record.image, []).append(record)
     group = max(by_image.values(), key=len)
     other = next(r for r in records["pointwise"] if r.image != group[0].image)
-    warm = LlamaCppRuntime.from_folder(gguf["pointwise", "f32"])
-    ids = warm.tokenize("<reasoning>ok</reasoning>\n<score>3</score>")
-    sequence = group + [other] + group[:1]
-    for record in sequence:
-        image = fit_to_grid(load_image(record.image), warm.limits)
-        chat = prompts.render_chat(prompts.render("pointwise", record.label, record.response))
-        reused = warm.logprobs_ids(image, chat, ids)
-        generated = warm.generate_ids(image, chat, 12)
-        fresh = LlamaCppRuntime.from_folder(gguf["pointwise", "f32"])
-        assert np.array_equal(reused, fresh.logprobs_ids(image, chat, ids))
-        assert generated == fresh.generate_ids(image, chat, 12)
-        fresh.close()
+    warm = dfj.load_judge(str(gguf["pointwise", "f32"]))
+    forced = Scoring(tuple(warm.runtime.tokenize("<reasoning>ok</reasoning>\n<score>3</score>", True)), full=True)
+    for record in group + [other] + group[:1]:
+        prompt = warm._prepare(record.image, record.label, record.responses()).prompt
+        reused = warm.runtime.score([prompt], [forced])[0].rows
+        generated = warm.runtime.generate([prompt], 12)[0]
+        fresh = dfj.load_judge(str(gguf["pointwise", "f32"]))
+        assert np.array_equal(reused, fresh.runtime.score([prompt], [forced])[0].rows)
+        assert generated == fresh.runtime.generate([prompt], 12)[0]
+        fresh.runtime.close()
     # The return to the first image after another one takes its embeddings from the vision cache.
-    assert warm.stats["vision_misses"] == 2 and warm.stats["vision_hits"] == 1
-    assert warm.stats["prefix_hits"] >= 2 * len(group) - 1
-    warm.close()
+    assert warm.runtime.stats["vision_misses"] == 2 and warm.runtime.stats["vision_hits"] == 1
+    assert warm.runtime.stats["prefix_hits"] >= 2 * len(group) - 1
+    warm.runtime.close()
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_judging_a_file_in_groups_equals_one_record_at_a_time(gguf, judges, mode, tmp_path, monkeypatch):
+    """Groups run as several KV sequences in one decode batch (pointwise: every unfinished sequence
+    advanced in each step); f32: the same greedy text as one sequence at a time, p_a within 1e-4."""
+    from batch_parity import assert_batch_equals_single
+    from dfj.runtime.llamacpp import LlamaCppRuntime
+    from dfj.testing import trained_tiny_split
+
+    sizes = []
+    original = LlamaCppRuntime._run_group
+
+    def spy(self, group, extras, outputs):
+        sizes.append(len(group))
+        return original(self, group, extras, outputs)
+
+    monkeypatch.setattr(LlamaCppRuntime, "_run_group", spy)
+    assert_batch_equals_single(judges(gguf[mode, "f32"]), trained_tiny_split(mode, "test"), tmp_path, n=24)
+    assert max(sizes) > 1
 
 
 def test_artifact_manifest_metadata_and_runtime(gguf, judges):

@@ -138,11 +138,11 @@ def test_logits_stay_close_to_the_fp32_merge_on_held_out_records(gptq):
     cosines, top1 = {"gptq": [], "rtn": []}, {"gptq": [], "rtn": []}
     for record in records:
         chat = prompts.render_chat(prompts.render_pointwise(record.label, record.response))
-        n = len(runtimes["merged"].tokenize(record.gold_text))
+        n = len(runtimes["merged"].tokenize(record.gold_text, True))
         logits = {}
         for name, runtime, model in (("reference", runtimes["merged"], reference_model), ("rtn", runtimes["merged"], rtn_model),
                                      ("gptq", runtimes["pointwise"], runtimes["pointwise"].model)):
-            inputs = runtime.encode(load_image(record.image), chat + record.gold_text)
+            inputs = {k: v.to(runtime.device) for k, v in runtime.chat.encode(load_image(record.image), chat + record.gold_text).items()}
             with torch.inference_mode():
                 logits[name] = model(**inputs, logits_to_keep=n + 1, use_cache=False).logits[0].double()
         for name in ("gptq", "rtn"):

@@ -7,14 +7,17 @@ from PIL import Image
 from dfj import prompts
 from dfj.images import PixelLimits
 from dfj.judge import Judge
-from dfj.runtime.base import Runtime
+from dfj.runtime.base import Runtime, Scores
 
 
 class ScriptedRuntime(Runtime):
+    """A whole runtime in the five methods of the contract: one character per token, scripted outputs."""
+
     name = "scripted"
 
-    def __init__(self, outputs):
+    def __init__(self, outputs, answer=(0.9, 0.1)):
         self.outputs = list(outputs)
+        self.answer = answer  # P(A), P(B) after a forced <answer>
         self.limits = PixelLimits()
         self.calls = []
 
@@ -22,28 +25,41 @@ class ScriptedRuntime(Runtime):
     def load(cls, source, device, dtype, **options):
         raise NotImplementedError
 
-    def generate_ids(self, image, chat, max_new_tokens):
-        self.calls.append((image, chat, max_new_tokens))
-        output = self.outputs.pop(0)
-        if isinstance(output, Exception):
-            raise output
-        return self.tokenize(output)
-
-    def logprobs_ids(self, image, chat, ids):
-        self.calls.append((image, chat, ids))
-        return np.zeros((len(ids), 3), dtype=np.float32)
-
-    def tokenize(self, text):
-        return [ord(c) for c in text]
-
-    def tokenize_plain(self, text):
-        return self.tokenize(text)
-
-    def prompt_ids(self, image, chat):
-        return self.tokenize_chat(chat)
+    def tokenize(self, text, special):
+        if not special:
+            return [ord(c) for c in text]
+        ids = []
+        for index, part in enumerate(text.split("<|image_pad|>")):
+            ids += ([IMAGE_PAD_ID] if index else []) + [ord(c) for c in part]
+        return ids
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
+
+    def generate(self, prompts_, max_new_tokens, stop=None):
+        self.calls.append(("generate", list(prompts_), max_new_tokens))
+        results = []
+        for _ in prompts_:
+            output = self.outputs.pop(0)
+            results.append(output if isinstance(output, Exception) else self.tokenize(output, True))
+        return results
+
+    def score(self, prompts_, scorings):
+        self.calls.append(("score", list(prompts_), list(scorings)))
+        p_a, p_b = self.answer
+        table = {ord("A"): np.log(p_a), ord("B"): np.log(p_b)}
+        return [Scores(tokens=np.array([[table.get(t, -30.0) for t in s.tokens]] * len(s.forced), dtype=np.float32),
+                       top_ids=np.zeros((len(s.forced), 0), dtype=np.int64),
+                       top_logprobs=np.zeros((len(s.forced), 0), dtype=np.float32)) for s in scorings]
+
+
+IMAGE_PAD_ID = 0x10FFFF + 1  # beyond every character: the one control token of this runtime
+
+
+def chat_of(prompt, head_only=False):
+    """The text of a scripted prompt (its image pad shown as the template's), or of its head."""
+    ids = prompt.ids[: prompt.head] if head_only else prompt.ids
+    return "".join("<|image_pad|>" if i == IMAGE_PAD_ID else chr(i) for i in ids)
 
 
 IMG = Image.new("RGB", (40, 40), (9, 9, 9))
@@ -53,14 +69,17 @@ def test_the_runtime_gets_the_rendered_chat_and_reference_limits():
     runtime = ScriptedRuntime(["<reasoning>r</reasoning>\n<score>4</score>"])
     verdict = Judge(runtime, "pointwise").score(IMG, "Fake", "resp {x}")
     assert verdict.score == 4 and verdict.reasoning == "r" and verdict.error is None
-    image, chat, limit = runtime.calls[0]
-    assert chat == prompts.render_chat(prompts.render_pointwise("fake", "resp {x}"))
-    assert limit == 512 and image.mode == "RGB"
+    _, (prompt,), limit = runtime.calls[0]
+    chat = prompts.render_chat(prompts.render_pointwise("fake", "resp {x}"))
+    assert chat_of(prompt) == chat
+    # The head is the chat up to the first response: what every record of this image and label shares.
+    assert prompt.ids.count(IMAGE_PAD_ID) == 1 and chat_of(prompt, head_only=True) == chat[: chat.index("resp {x}")]
+    assert limit == 512 and prompt.image.mode == "RGB"
     runtime = ScriptedRuntime(["<answer>B</answer>"])
-    assert Judge(runtime, "pairwise", fast=False).compare(IMG, "real", "a", "b").choice == "B"
+    assert Judge(runtime, "pairwise", pairwise="generate").compare(IMG, "real", "a", "b").choice == "B"
     assert runtime.calls[0][2] == 128
     runtime = ScriptedRuntime(["<answer>A</answer>"])
-    Judge(runtime, "pairwise", max_new_tokens=7, fast=False).compare(IMG, "real", "a", "b")
+    Judge(runtime, "pairwise", max_new_tokens=7, pairwise="generate").compare(IMG, "real", "a", "b")
     assert runtime.calls[0][2] == 7
 
 
@@ -69,7 +88,7 @@ def test_tags_inside_candidate_responses_are_never_parsed():
     runtime = ScriptedRuntime(["I cannot decide.", "no verdict here"])
     verdict = Judge(runtime, "pointwise").score(IMG, "fake", sneaky)
     assert verdict.score is None and "no <score>" in verdict.error
-    pair = Judge(runtime, "pairwise", fast=False).compare(IMG, "fake", sneaky, sneaky)
+    pair = Judge(runtime, "pairwise", pairwise="generate").compare(IMG, "fake", sneaky, sneaky)
     assert pair.choice is None and "no <answer>" in pair.error
 
 
@@ -91,6 +110,8 @@ def test_batches_keep_order_and_lose_nothing(tmp_path):
     assert len(verdicts) == len(records) and seen[-1] == (7, 7)
     assert verdicts[0].score == 1
     assert "record 1" in verdicts[1].error and "device fell over" in verdicts[1].error
+    # Records of one image and label are one runtime call; the others are calls of their own.
+    assert [len(call[1]) for call in runtime.calls] == [1, 1, 1, 1]
     assert "record 2" in verdicts[2].error and "not found" in verdicts[2].error
     assert verdicts[3].score == 3
     assert "record 4" in verdicts[4].error and "unknown label" in verdicts[4].error
@@ -125,11 +146,12 @@ def test_a_pairwise_group_that_cannot_run_fails_each_record_and_loses_none():
     every record in it comes back with the error, in order, and the next group still runs."""
 
     class GroupFailure(ScriptedRuntime):
-        def logprobs_ids_batch(self, items):
-            self.calls.append(len(items))
-            if len(self.calls) == 1:
+        def score(self, prompts_, scorings):
+            if not self.calls:
+                self.calls.append(len(prompts_))
                 raise RuntimeError("out of memory")
-            return [np.zeros((len(ids), 128), dtype=np.float32) for _, _, ids, _ in items]
+            self.calls.append(len(prompts_))
+            return ScriptedRuntime.score(ScriptedRuntime([], (0.5, 0.5)), prompts_, scorings)
 
     other = Image.new("RGB", (40, 40), (200, 9, 9))
     records = [dict(image=IMG, label="fake", response_a=f"a{i}", response_b="b") for i in range(3)]
@@ -140,3 +162,25 @@ def test_a_pairwise_group_that_cannot_run_fails_each_record_and_loses_none():
     assert all(not v.ok and "RuntimeError: out of memory" in v.error for v in verdicts[:3])
     assert [v.error.split(":")[0] for v in verdicts[:3]] == ["record 0", "record 1", "record 2"]
     assert verdicts[3].ok and verdicts[3].p_a == 0.5
+
+
+def test_a_one_forward_verdict_is_malformed_when_a_and_b_hold_too_little_probability():
+    """The answer method reads P(A) vs P(B) after a forced `<answer>`; a judge that would write
+    something else there gives no verdict (a parse failure), not a coin flip renormalised to look sure."""
+    sure = Judge(ScriptedRuntime([], answer=(0.6, 0.3)), "pairwise").compare(IMG, "fake", "a", "b")
+    assert sure.ok and sure.choice == "A" and abs(sure.p_a - 2 / 3) < 1e-6
+    lost = Judge(ScriptedRuntime([], answer=(0.3, 0.1)), "pairwise").compare(IMG, "fake", "a", "b")
+    assert not lost.ok and lost.choice is None and "40.0%" in lost.error and lost.text == "<answer>"
+
+
+def test_the_pairwise_method_is_named_and_one_call_per_group_with_the_swap_check():
+    runtime = ScriptedRuntime([])
+    judge = Judge(runtime, "pairwise")
+    records = [dict(image=IMG, label="fake", response_a=f"a{i}", response_b=f"b{i}") for i in range(4)]
+    verdicts = judge.compare_many(records, swap_check=True)
+    (kind, sent, scorings), = runtime.calls  # the four pairs and their four swaps: one call
+    assert kind == "score" and len(sent) == 8 and len({p.ids[: p.head] for p in sent}) == 1
+    assert chat_of(sent[4]).index("b0") < chat_of(sent[4]).index("a0")
+    assert all(v.ok and v.swap_consistent is False for v in verdicts)  # always A: position-biased
+    with pytest.raises(ValueError, match="pairwise must be one of answer, generate"):
+        Judge(runtime, "pairwise", pairwise="fast")

@@ -68,19 +68,19 @@ def _image(width, height, seed=0):
 @pytest.mark.parametrize("size", [(84, 112), (300, 120), (56, 560), (448, 336)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_fp32_logits_match_transformers_at_every_output_position(onnx_fp32, merged, judges, size):
     """Each image size / aspect ratio gives its own vision grid, windows and M-RoPE positions."""
-    runtime = judges(onnx_fp32["pointwise"], runtime="onnx").runtime
+    from dfj.runtime.base import Scoring
+
+    judge = judges(onnx_fp32["pointwise"], runtime="onnx")
     reference = judges(merged("pointwise")).runtime
-    image = _image(*size)
-    chat = prompts.render_chat(prompts.render_pointwise("edited", "<reasoning>Odd seam.</reasoning> <answer>fake</answer>"))
-    ids = runtime.tokenize(CONTINUATION)
-    inputs = reference.encode(image, chat + CONTINUATION)
+    prompt = judge._prepare(_image(*size), "edited", ("<reasoning>Odd seam.</reasoning> <answer>fake</answer>",)).prompt
+    ids = tuple(judge.runtime.tokenize(CONTINUATION, True))
+    # every continuation position and the one after it (a filler id, never read)
+    got = judge.runtime.score([prompt], [Scoring(ids + (ids[-1],), full=True)])[0].rows
+    inputs = reference.encode_ids(prompt.image, prompt.ids + ids)
     with torch.inference_mode():
-        expected = reference.model(**inputs, use_cache=False).logits[0, -len(ids) - 1:].numpy()
-    prompt_length = inputs["input_ids"].shape[1] - len(ids)
-    index = np.arange(prompt_length - 1, prompt_length + len(ids), dtype=np.int64)
-    got, *_ = runtime._prefill(image, chat, ids, index)
-    assert got.shape[1:] == expected.shape
-    assert np.abs(got[0] - expected).max() <= 1e-4
+        expected = torch.log_softmax(reference.model(**inputs, use_cache=False).logits[0, -len(ids) - 1:], -1).numpy()
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
@@ -176,22 +176,18 @@ def test_tied_head_checkpoint_exports_within_tolerance(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
-def test_onnx_cached_path_agrees_with_the_plain_path(onnx_fp32, judges, varied_split, mode):
-    """Vision and prefix caches (stored past key/values) change nothing: same outputs, same logits."""
+def test_judging_a_file_in_groups_equals_one_record_at_a_time(onnx_fp32, judges, varied_split, mode, tmp_path):
+    """Vision and head caches (stored past key/values) change nothing: grouped output as one record at a
+    time, and a fresh runtime's logits."""
+    import dfj
+    from batch_parity import assert_batch_equals_single
     from dfj.data import read_split
 
-    records = read_split(varied_split[mode]).records
     judge = judges(onnx_fp32[mode], max_new_tokens=NEW_TOKENS)
-    fast = [judge.score(r.image, r.label, r.response, fast=True) if mode == "pointwise"
-            else judge.compare(r.image, r.label, r.response_a, r.response_b, fast=True) for r in records]
-    plain = [judge.score(r.image, r.label, r.response, fast=False) if mode == "pointwise"
-             else judge.compare(r.image, r.label, r.response_a, r.response_b, fast=False) for r in records]
-    if mode == "pointwise":
-        assert [v.text for v in fast] == [v.text for v in plain]
+    assert_batch_equals_single(judge, varied_split[mode], tmp_path, n=10)
     runtime = judge.runtime
     assert runtime.prefix_cache and runtime.vision_cache
-    record = records[1]
-    pil, chat = judge._prepare(record.image, record.label, record.responses())
-    ids = runtime.tokenize(CONTINUATION)
-    cached = runtime.logprobs_ids_cached(pil, chat, ids, judge._prefix_chars(chat, record.label))
-    assert np.abs(cached - runtime.logprobs_ids(pil, chat, ids)).max() <= 1e-4
+    record = read_split(varied_split[mode]).records[1]
+    args = (record.image, record.label, *record.responses())
+    fresh = dfj.load_judge(str(onnx_fp32[mode]))
+    assert np.abs(judge.logprobs(*args, continuation=CONTINUATION) - fresh.logprobs(*args, continuation=CONTINUATION)).max() <= 1e-4

@@ -48,15 +48,13 @@ def test_the_image_and_the_prompt_change_the_output(point, records):
 
 
 def test_logprobs_are_teacher_forced_and_consistent_with_greedy(point, records):
-    from dfj import prompts
-    from dfj.images import load_image
+    from dfj.runtime.base import Scoring
 
     record = records[1]
     runtime = point.runtime
-    image = load_image(record.image)
-    chat = prompts.render_chat(prompts.render_pointwise(record.label, record.response))
-    ids = runtime.generate_ids(image, chat, MAX_NEW)
-    lp = runtime.logprobs_ids(image, chat, ids)
+    prompt = point._prepare(record.image, record.label, record.responses()).prompt
+    ids = runtime.generate([prompt], MAX_NEW)[0]
+    lp = runtime.score([prompt], [Scoring(tuple(ids), full=True)])[0].rows
     vocab = runtime.model.config.text_config.vocab_size
     assert lp.shape == (len(ids), vocab) and lp.dtype == np.float32
     np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-4)
@@ -69,19 +67,16 @@ def test_logprobs_are_teacher_forced_and_consistent_with_greedy(point, records):
 
 def test_every_processor_output_reaches_the_model(point, records):
     """M-RoPE needs mm_token_type_ids; without it transformers 5 silently uses 1-D positions."""
-    from dfj import prompts
-    from dfj.images import load_image
-
     record = records[2]
     runtime = point.runtime
-    chat = prompts.render_chat(prompts.render_pointwise(record.label, record.response))
-    inputs = runtime.encode(load_image(record.image), chat)
+    prompt = point._prepare(record.image, record.label, record.responses()).prompt
+    inputs = runtime.encode_ids(prompt.image, prompt.ids)
     assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"} <= set(inputs)
     with torch.inference_mode():
         full = runtime.model(**inputs, logits_to_keep=1).logits[0, -1]
         partial = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
         without = runtime.model(**partial, logits_to_keep=1).logits[0, -1]
-    lp = runtime.logprobs(load_image(record.image), chat, "<score>")  # first row predicts the first token
+    lp = point.logprobs(record.image, record.label, record.response, continuation="<score>")  # row 0: the first token
     np.testing.assert_allclose(lp[0], torch.log_softmax(full.float(), -1).numpy(), atol=1e-5)
     assert (full - without).abs().max() > 1e-3
 
@@ -91,7 +86,7 @@ def test_images_are_resized_with_the_training_limits(tiny, judges):
     size = judge.runtime.processor.image_processor.size
     assert (size["shortest_edge"], size["longest_edge"]) == (3136, 1003520)
     big = Image.new("RGB", (2000, 1500), (5, 6, 7))
-    grid = judge.runtime.encode(big, prompts.render_chat("Describe the image."))["image_grid_thw"][0].tolist()
+    grid = judge.runtime.chat.encode(big, prompts.render_chat("Describe the image."))["image_grid_thw"][0].tolist()
     from dfj.images import smart_resize
 
     h, w = smart_resize(1500, 2000)

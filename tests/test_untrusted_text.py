@@ -32,11 +32,11 @@ def encoder(processor):
 
 
 def tokenize_chat(encoder, chat: str) -> list[int]:
-    """`Runtime.tokenize_chat` itself, on the encoder's tokenize / tokenize_plain (what the torch and
-    ONNX runtimes delegate to)."""
-    from dfj.runtime.base import Runtime
+    """`dfj.runtime.base.chat_ids` itself (what the Judge runs), on the encoder's tokenizers (what the
+    torch and ONNX runtimes delegate to)."""
+    from dfj.runtime.base import chat_ids
 
-    return Runtime.tokenize_chat(encoder, chat)
+    return chat_ids(chat, encoder.tokenize_as)
 
 
 def control_tokens(encoder, ids: list[int]) -> list[int]:

@@ -1,21 +1,20 @@
-"""Judge speed: the reference path (plain `generate`, no caches, one record at a time, as the DFJ
-scripts do) against dfj's fast path, on the same records. A benchmark, not a test.
+"""Judge speed: the command line (`dfj judge --data`, the grouped batch-first path) against the
+reference path (transformers `generate`, no caches, one record at a time, as the DFJ scripts do), on
+the same DFJ-shaped split. A benchmark, not a test.
 
-    python -m dfj.bench.speed --mode pairwise [--text-layers 4] [--vision-layers 4] [--out speed.json]
-                              [--artifacts gguf-q8_0 gguf-q4_k_m onnx-int8 …]
+    python -m dfj.bench.speed --mode pairwise [--images 2] [--text-layers 4] [--vision-layers 4]
+                              [--artifacts gguf-q8_0 gguf-q4_k_m onnx-int8 …] [--out docs/speed-pairwise.json]
 
 The judge is bench-shaped: the real Qwen2.5-VL-3B widths and heads (text 2048 / 16 heads / 2 KV
-heads, vision 1280 / 16 heads), fewer layers, random weights; records are DFJ-shaped (one image near
-the training pixel cap, 10 pairs or 5 responses on it, paragraph-long responses). With random weights
-a pairwise judge never writes a well-formed `<answer>`, so pairwise agreement is measured between
-the one-forward verdict with and without the caches; pointwise compares the greedy text of both
-paths. Decoding is capped for both paths alike: pointwise at `--new-tokens` (a DFJ verdict's
-length), pairwise at the length of `<answer>X</answer>` plus the end-of-turn step.
+heads, vision 1280 / 16 heads), fewer layers, random weights. The split is DFJ-shaped: `--images`
+images near the training pixel cap, 10 pairs or 5 paragraph-long responses on each. Decoding is capped
+for both paths alike: pointwise at `--new-tokens` (a DFJ verdict's length), pairwise (reference path)
+at the length of `<answer>X</answer>` plus the end-of-turn step. With random weights a pairwise judge
+never writes a well-formed `<answer>`, so pairwise agreement is the one-forward choice and p_a of each
+artifact against torch; pointwise compares greedy text with the reference path.
 
-`--artifacts` also exports the bench judge in those formats (kept in the work folder) and times each
-one's fast path on its default runtime over the same records, against the same torch reference:
-per-verdict seconds, speed-up, and agreement with the torch fast path (pairwise: same choice and
-|Δ p_a|; pointwise: same greedy text). Whether a quantization stays within the bench tolerances is
+`--artifacts` exports the bench judge in those formats (kept in the work folder) and times the same
+command on each one's default runtime. Whether a quantization stays within the bench tolerances is
 measured on the trained tiny judges by `dfj bench` (`dfj demo`), not on random weights.
 """
 
@@ -59,110 +58,113 @@ def build_bench_judge(folder: Path, text_layers: int, vision_layers: int, seed: 
     return folder
 
 
-def bench_records(mode: str, seed: int = 0) -> tuple[Any, list[dict[str, str]]]:
+def bench_split(folder: Path, mode: str, images: int, seed: int = 0) -> Path:
+    """A DFJ-shaped split folder: `images` images, 10 pairs or 5 paragraph-long responses on each."""
     from dfj.synthetic import detector_response, random_scene, render_image
 
+    data = folder / "data.jsonl"
+    if data.is_file():
+        return folder
     rng = random.Random(seed)
-    scene = random_scene(rng)
-    image = render_image(rng, scene, IMAGE_SIZE)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(images):
+        scene = random_scene(rng)
+        name = f"images/{index:03d}.png"
+        render_image(rng, scene, IMAGE_SIZE).save(folder / name)
 
-    def paragraph() -> str:  # a DFJ-length response: several sentences of reasoning
-        parts = [detector_response(rng, scene, rng.randint(1, 5)) for _ in range(4)]
-        reasons = " ".join(p.split("<reasoning>")[1].split("</reasoning>")[0] for p in parts)
-        return f"<reasoning>{reasons}</reasoning> <answer>{rng.choice(['real', 'fake'])}</answer>"
+        def paragraph() -> str:  # a DFJ-length response: several sentences of reasoning
+            parts = [detector_response(rng, scene, rng.randint(1, 5)) for _ in range(4)]
+            reasons = " ".join(p.split("<reasoning>")[1].split("</reasoning>")[0] for p in parts)
+            return f"<reasoning>{reasons}</reasoning> <answer>{rng.choice(['real', 'fake'])}</answer>"
 
-    label = scene.label
-    if mode == "pointwise":
-        return image, [{"label": label, "response": paragraph()} for _ in range(5)]
-    return image, [{"label": label, "response_a": paragraph(), "response_b": paragraph()} for _ in range(10)]
+        if mode == "pointwise":
+            lines += [{"image": name, "label": scene.label, "response": paragraph()} for _ in range(5)]
+        else:
+            lines += [{"image": name, "label": scene.label, "response_a": paragraph(), "response_b": paragraph()}
+                      for _ in range(10)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return folder
 
 
-def _stage_times(judge, image, record, mode) -> dict[str, float]:
-    """Image-encode and prefill seconds of one reference call, measured separately (the plain path
-    runs them inside `generate`)."""
-    import torch
+def _reference(judge, split: Path, mode: str, new_tokens: int) -> tuple[list[Any], list[float]]:
+    """One record at a time through transformers' own `generate` (no vision, prefix or KV reuse)."""
+    from dfj.data import read_split
+    from dfj.parse import parse
 
-    from dfj import prompts
-    from dfj.images import load_image
-
-    runtime = judge.runtime
-    chat = prompts.render_chat(prompts.render(mode, record["label"], *_responses(record)))
-    inputs = runtime.encode(load_image(image), chat)
-    model = runtime.model
-    with torch.inference_mode():
+    verdicts, seconds = [], []
+    for record in read_split(split, mode=mode).records:
         started = time.perf_counter()
-        model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-        vision = time.perf_counter() - started
-        started = time.perf_counter()
-        model(**inputs, logits_to_keep=1, use_cache=False)
-        forward = time.perf_counter() - started
-    return {"vision": vision, "prefill": max(forward - vision, 0.0), "prompt_tokens": int(inputs["input_ids"].shape[1])}
+        prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+        verdicts.append(parse(mode, judge.runtime.decode(judge.runtime.reference_generate(prompt, new_tokens))))
+        seconds.append(time.perf_counter() - started)
+    return verdicts, seconds
 
 
-def _responses(record: dict[str, str]) -> tuple[str, ...]:
-    return (record["response"],) if "response" in record else (record["response_a"], record["response_b"])
+def _command(source: str, split: Path, out: Path, mode: str, new_tokens: int) -> dict[str, Any]:
+    """`dfj judge SOURCE --data SPLIT --out OUT`: the library calls the command makes, timed."""
+    import dfj
+    from dfj.batch import judge_jsonl
+
+    started = time.perf_counter()
+    judge = dfj.load_judge(source, mode=mode, max_new_tokens=new_tokens)
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    summary = judge_jsonl(judge, split, out, overwrite=True)
+    total = time.perf_counter() - started
+    rows = [json.loads(line)["dfj"] for line in out.read_text(encoding="utf-8").splitlines()]
+    stages = getattr(judge.runtime, "seconds", None)
+    judge.runtime.close()
+    return {"runtime": judge.runtime.name, "load_s": load_s, "total_s": total, "per_verdict_s": total / summary.lines,
+            "split_s": {k: v / summary.lines for k, v in stages.items()} if stages else None, "rows": rows}
 
 
-def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_tokens: int,
+def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_tokens: int, images: int = 2,
         artifacts: tuple[str, ...] = ()) -> dict[str, Any]:
     import dfj
 
     judge_dir = build_bench_judge(folder / f"bench-judge-t{text_layers}-v{vision_layers}", text_layers, vision_layers)
-    image, records = bench_records(mode)
+    split = bench_split(folder / f"split-{mode}-{images}", mode, images)
     judge = dfj.load_judge(str(judge_dir), mode=mode)
     if mode == "pairwise":
         # A trained pairwise judge writes `<answer>X</answer>` and stops; random weights never stop,
         # so the reference path decodes exactly that many tokens (plus the end-of-turn step).
-        new_tokens = len(judge.runtime.tokenize("<answer>A</answer>")) + 1
+        new_tokens = len(judge.runtime.tokenize("<answer>A</answer>", True)) + 1
     judge.max_new_tokens = new_tokens
-
-    def reference_call(record):  # one record at a time, plain greedy generation, no caches
-        if mode == "pointwise":
-            return judge.score(image, record["label"], record["response"], fast=False)
-        return judge.compare(image, record["label"], record["response_a"], record["response_b"], fast=False)
-
-    stages = _stage_times(judge, image, records[0], mode)
-    reference, reference_s = [], []
-    for record in records:
-        started = time.perf_counter()
-        reference.append(reference_call(record))
-        reference_s.append(time.perf_counter() - started)
-    cached = judge.runtime.cached
-    # The batch API: the records of one image run together (padded batch where the runtime has one).
-    started = time.perf_counter()
-    fast = judge.judge_many([{"image": image, **record} for record in records])
-    fast_total = time.perf_counter() - started
-    fast_stages = dict(cached.seconds)
-    if mode == "pointwise":
-        agreement = sum(a.text == b.text for a, b in zip(reference, fast)) / len(records)
-        agreement_kind = "same greedy text, reference vs fast"
-    else:  # the one-forward verdict without caches (fresh runtime state) vs with them
-        judge.runtime._cached = None
-        uncached = [judge.compare(image, r["label"], r["response_a"], r["response_b"], fast=True) for r in records[:1]]
-        agreement = float(abs(uncached[0].p_a - fast[0].p_a) < 1e-4)
-        agreement_kind = "one-forward p_a with vs without caches (|Δ| < 1e-4)"
-    n = len(records)
+    reference, reference_s = _reference(judge, split, mode, new_tokens)
+    judge.runtime.close()
+    n = len(reference)
     ref_total = sum(reference_s)
-    rows = [_artifact_row(quant, judge_dir, mode, image, records, fast, new_tokens, ref_total) for quant in artifacts]
-    ref_decode = max(ref_total / n - stages["vision"] - stages["prefill"], 0.0)
+    torch_row = _command(str(judge_dir), split, folder / f"out-{mode}-torch.jsonl", mode, new_tokens)
+    rows = [{"artifact": "torch (merged fp32)", **_summary(torch_row, ref_total, reference, torch_row, mode)}]
+    for quant in artifacts:
+        out = _exported(judge_dir, mode, quant)
+        row = _command(str(out), split, folder / f"out-{mode}-{quant}.jsonl", mode, new_tokens)
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        rows.append({"artifact": quant, **_summary(row, ref_total, reference, torch_row, mode), "size_bytes": size})
     return {
-        "mode": mode, "records": n, "image_size": IMAGE_SIZE, "prompt_tokens": stages["prompt_tokens"],
-        "text_layers": text_layers, "vision_layers": vision_layers, "new_tokens_cap": new_tokens,
+        "mode": mode, "records": n, "images": images, "image_size": IMAGE_SIZE, "text_layers": text_layers,
+        "vision_layers": vision_layers, "new_tokens_cap": new_tokens,
+        "command": f"dfj judge ARTIFACT --data {split.name} --out OUT (grouped: {n // images} records per image)",
+        "reference": "transformers generate, one record at a time, no caches",
         "reference_per_verdict_s": ref_total / n,
-        "reference_split_s": {"vision": stages["vision"], "prefill": stages["prefill"], "decode": ref_decode},
-        "fast_per_verdict_s": fast_total / n,
-        "fast_split_s": {k: v / n for k, v in fast_stages.items()},
-        "speedup": ref_total / fast_total,
-        "agreement": agreement, "agreement_kind": agreement_kind,
-        "cache": dict(cached.stats),
-        "artifacts": rows,
+        "rows": rows,
     }
 
 
-def _artifact_row(quant: str, judge_dir: Path, mode: str, image, records, torch_fast, new_tokens: int,
-                  ref_total: float) -> dict[str, Any]:
-    """The fast path of `judge_dir` exported as `quant`, on its default runtime, over the same records."""
-    import dfj
+def _summary(row: dict[str, Any], ref_total: float, reference: list[Any], torch_row: dict[str, Any], mode: str) -> dict[str, Any]:
+    n = len(reference)
+    out = {k: row[k] for k in ("runtime", "load_s", "per_verdict_s", "split_s")}
+    out["speedup_vs_reference"] = ref_total / row["total_s"]
+    if mode == "pointwise":
+        out["same_text_as_reference"] = sum(r["text"] == v.text for r, v in zip(row["rows"], reference)) / n
+    else:
+        out["same_choice_as_torch"] = sum(r["choice"] == t["choice"] for r, t in zip(row["rows"], torch_row["rows"])) / n
+        out["max_abs_delta_p_a"] = max(abs(r["p_a"] - t["p_a"]) for r, t in zip(row["rows"], torch_row["rows"]))
+    return out
+
+
+def _exported(judge_dir: Path, mode: str, quant: str) -> Path:
     from dfj.export import export
     from dfj.manifest import read_manifest
 
@@ -172,28 +174,13 @@ def _artifact_row(quant: str, judge_dir: Path, mode: str, image, records, torch_
         started = time.perf_counter()
         export(str(judge_dir), out, quant, mode=mode, overwrite=True)
         print(f"exported {quant} in {time.perf_counter() - started:.0f} s", flush=True)
-    started = time.perf_counter()
-    judge = dfj.load_judge(str(out), mode=mode, max_new_tokens=new_tokens)
-    load_s = time.perf_counter() - started
-    started = time.perf_counter()
-    verdicts = judge.judge_many([{"image": image, **record} for record in records])
-    total = time.perf_counter() - started
-    if mode == "pointwise":
-        agreement = {"same_text_as_torch": sum(a.text == b.text for a, b in zip(verdicts, torch_fast)) / len(records)}
-    else:
-        agreement = {"same_choice_as_torch": sum(a.choice == b.choice for a, b in zip(verdicts, torch_fast)) / len(records),
-                     "max_abs_delta_p_a": max(abs(a.p_a - b.p_a) for a, b in zip(verdicts, torch_fast))}
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    stages = getattr(judge.runtime, "seconds", None)  # runtimes that time their stages
-    split = {name: value / len(records) for name, value in stages.items()} if stages else None
-    return {"quant": quant, "runtime": judge.runtime.name, "per_verdict_s": total / len(records),
-            "split_s": split, "speedup_vs_reference": ref_total / total, "load_s": load_s,
-            "size_bytes": size, **agreement}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("pointwise", "pairwise"), required=True)
+    parser.add_argument("--images", type=int, default=2, help="images in the split (10 pairs / 5 responses each)")
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=96, help="decode cap for both paths (pointwise)")
@@ -204,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     from dfj.demo import default_cache
 
     result = run(args.mode, args.work or default_cache() / "speed", args.text_layers, args.vision_layers, args.new_tokens,
-                 tuple(args.artifacts))
+                 args.images, tuple(args.artifacts))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -88,13 +88,15 @@ def run(spec: WorkerSpec) -> None:
         judge = dfj.load_judge(spec.source, runtime=spec.runtime, device=spec.device, dtype=spec.dtype,
                                mode=spec.mode, max_new_tokens=spec.max_new_tokens, **spec.options)
         stats["load_s"] = time.perf_counter() - started
+        count = len(spec.indices) - len(todo)
         with open(cache / VERDICTS, "ab") as sink:
-            for count, index in enumerate(todo, start=len(spec.indices) - len(todo) + 1):
-                row = _judge_one(judge, records[index], index, spec, cache, reference_rows.get(index))
-                sink.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-                sink.flush()
-                stats["judged_this_run"] += 1
-                print(f"PROGRESS {count} {len(spec.indices)}", flush=True)
+            for group in _groups(todo, records):
+                for row in _judge_group(judge, [records[i] for i in group], group, spec, cache, reference_rows):
+                    sink.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+                    sink.flush()
+                    stats["judged_this_run"] += 1
+                    count += 1
+                    print(f"PROGRESS {count} {len(spec.indices)}", flush=True)
         stats["peak_rss_mb"] = peak_rss_mb()
     elif (cache / STATS).is_file():  # all cached: keep the cost measured by the run that judged
         stats = {**json.loads((cache / STATS).read_text(encoding="utf-8")), "judged_this_run": 0}
@@ -113,20 +115,45 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _judge_one(judge, record, index: int, spec: WorkerSpec, cache: Path, reference: dict | None) -> dict[str, Any]:
+def _groups(indices: list[int], records) -> list[list[int]]:
+    """Consecutive records of one image and label, at most `GROUP_SIZE`: what the judge runs as one call."""
+    from dfj.judge import GROUP_SIZE
+
+    groups: list[list[int]] = []
+    key = None
+    for index in indices:
+        record = records[index]
+        record_key = (str(record.image), record.label.strip().lower())
+        if not groups or record_key != key or len(groups[-1]) >= GROUP_SIZE:
+            groups.append([])
+        groups[-1].append(index)
+        key = record_key
+    return groups
+
+
+def _judge_group(judge, group: list, indices: list[int], spec: WorkerSpec, cache: Path,
+                 reference_rows: dict[int, dict]) -> list[dict[str, Any]]:
+    """Verdicts of one group (one judge call; each record's latency is the group's share), then each
+    record's logit parity."""
     started = time.perf_counter()
     try:
-        verdict = judge.judge(record)
-    except Exception as exc:  # a record the runtime cannot judge is a failure of this artifact, not the bench
-        verdict = failure(spec.mode, f"record {index}: {type(exc).__name__}: {exc}")
-    latency = time.perf_counter() - started
+        verdicts = judge.judge_many(group)
+    except Exception as exc:  # a group the runtime cannot judge is a failure of this artifact, not the bench
+        verdicts = [failure(spec.mode, f"record {index}: {type(exc).__name__}: {exc}") for index in indices]
+    latency = (time.perf_counter() - started) / len(group)
+    return [_parity_row(judge, record, index, verdict, latency, spec, cache, reference_rows.get(index))
+            for record, index, verdict in zip(group, indices, verdicts)]
+
+
+def _parity_row(judge, record, index: int, verdict, latency: float, spec: WorkerSpec, cache: Path,
+                reference: dict | None) -> dict[str, Any]:
     row: dict[str, Any] = {"index": index, "latency_s": latency, "verdict": verdict.to_dict(), "parity": None,
                            "parity_error": None}
     text = verdict.text if spec.role == "reference" else (reference or {}).get("verdict", {}).get("text")
     if not text:
         return row  # nothing to teacher-force on: no parity for this record
     try:
-        tokens = judge.runtime.tokenize(text)
+        tokens = judge.runtime.tokenize(text, True)
         logprobs = judge.logprobs(record.image, record.label, *record.responses(), continuation=text)
         if spec.role == "reference":
             ReferenceRows.from_logprobs(logprobs, tokens).save(cache / "parity" / f"{index}.npz")

@@ -362,30 +362,25 @@ def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, nor
     from transformers import AutoProcessor
 
     from dfj.export.lora_merge import bounded_probe_logits
-    from dfj.export.probe import compare_logits
+    from dfj.export.probe import as_logprobs, compare_logits
 
     with hf.quiet_transformers():
         processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
-    reference = bounded_probe_logits(merged, processor, mode, dtype, **({} if memory is None else {"memory": memory}))
+    reference = as_logprobs(bounded_probe_logits(merged, processor, mode, dtype, **({} if memory is None else {"memory": memory})))
     parity = compare_logits(reference, gguf_probe_logits(folder, mode, limits, normalizer, len(reference)))
     return {**parity, "reference": f"transformers {dtype} (merged)"}
 
 
 def gguf_probe_logits(folder: Path, mode: str, limits: PixelLimits, normalizer: str | None, positions: int = 24):
-    """Logits at the last `positions` positions of the export probe, run by llama.cpp on `folder`'s GGUF files."""
-    import torch
-
-    from dfj.export.probe import probe_chat, probe_image
-    from dfj.runtime.llamacpp import PATCH_AREA, LlamaCppRuntime
+    """Log-probabilities at the last `positions` positions of the export probe, run by llama.cpp on
+    `folder`'s GGUF files."""
+    from dfj.export.probe import probe_image, runtime_probe
+    from dfj.runtime.llamacpp import PATCH_AREA
 
     # A context sized to the probe: llama.cpp allocates the whole KV cache up front (16 MB a layer for
     # an f32 file at the default 8,192 positions), and the probe needs under a thousand.
     image = probe_image()
     image_tokens = -(-max(image.width * image.height, limits.min_pixels) // PATCH_AREA)
     context = -(-(PROBE_TEXT_POSITIONS + image_tokens) // 256) * 256
-    runtime = LlamaCppRuntime.from_folder(folder, limits=limits, normalizer=normalizer, context=context)
-    try:
-        return torch.from_numpy(runtime.prompt_logits(image, probe_chat(mode), positions))
-    finally:
-        runtime.close()
+    return runtime_probe("llamacpp", folder, mode, limits, positions, context=context, normalizer=normalizer)

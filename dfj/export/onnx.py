@@ -280,15 +280,13 @@ def _copy_config(model_dir: Path, work: Path) -> None:
 
 
 def _probe_reference(model, processor, mode: str):
-    from dfj.export.probe import probe_logits
+    from dfj.export.probe import as_logprobs, probe_logits
 
-    return probe_logits(model, processor, mode)
+    return as_logprobs(probe_logits(model, processor, mode))
 
 
 def probe_onnx(folder: Path, mode: str, limits: PixelLimits):
-    """The same probe through the ONNX runtime: last-position logits of the probe chat."""
-    from dfj.export.probe import probe_chat, probe_image
-    from dfj.runtime.onnx import OnnxRuntime
+    """The same probe through the ONNX runtime: log-probabilities at the probe's last positions."""
+    from dfj.export.probe import runtime_probe
 
-    runtime = OnnxRuntime.from_folder(folder, device="cpu", limits=limits)
-    return torch.from_numpy(runtime.prompt_logits(probe_image(), probe_chat(mode)))
+    return runtime_probe("onnx", folder, mode, limits)

@@ -53,10 +53,49 @@ def lossless_tolerance(reference, atol: float = LOSSLESS_ATOL, rtol: float = LOS
 
 
 def compare_logits(reference, candidate) -> dict[str, float]:
+    """Max |delta|, cosine and top-1 agreement of two (positions, vocab) logit or log-probability
+    matrices (both of one kind). The cosine is of rows centred on their mean, which a softmax ignores:
+    the same for logits and log-probabilities, and not inflated by a large common offset."""
     import torch
 
     reference, candidate = reference.double(), candidate.double()
     diff = (reference - candidate).abs()
-    cosine = torch.nn.functional.cosine_similarity(reference.flatten(), candidate.flatten(), dim=0)
+    centred = [m - m.mean(dim=-1, keepdim=True) for m in (reference, candidate)]
+    cosine = torch.nn.functional.cosine_similarity(centred[0].flatten(), centred[1].flatten(), dim=0)
     same_top = (reference.argmax(-1) == candidate.argmax(-1)).float().mean()
     return {"max_abs_diff": float(diff.max()), "cosine": float(cosine), "top1_agreement": float(same_top)}
+
+
+def as_logprobs(logits):
+    """Log-softmax rows (float32) of a logits matrix: what runtimes report, for comparing with them."""
+    import torch
+
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def runtime_probe(runtime: str, folder, mode: str, limits, positions: int = 24, **options):
+    """Log-probabilities at the last `positions` positions of the probe (the rows `probe_logits` gives, as
+    log-probabilities), run by a dfj runtime on an exported folder through the runtime interface only."""
+    from pathlib import Path
+
+    import torch
+
+    from dfj.images import fit_to_grid
+    from dfj.runtime import create
+    from dfj.runtime.base import Prompt, Scoring, chat_ids
+    from dfj.sources import Source
+
+    backend = create(runtime, Source("model", Path(folder), mode, str(folder)), device="cpu", dtype=None,
+                     limits=limits, **options)
+    try:
+        ids = chat_ids(probe_chat(mode), backend.tokenize)
+        # Row i of a scoring predicts forced[i] from everything before it: forcing the last positions - 1
+        # ids plus one filler gives the rows of the last `positions` positions (the filler is never read).
+        cut = len(ids) - positions + 1
+        prompt = Prompt(fit_to_grid(probe_image(), limits), tuple(ids[:cut]))
+        result = backend.score([prompt], [Scoring(tuple(ids[cut:]) + (ids[-1],), full=True)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return torch.from_numpy(result.rows)
+    finally:
+        backend.close()

@@ -1,12 +1,21 @@
-"""The runtime interface every backend implements: token ids in, token ids and log-probabilities out.
+"""The runtime contract every backend implements, in tokens and batch-first.
 
-Text-level helpers (`generate`, `logprobs`) are defined here once on top of the token-level methods.
+A runtime receives prepared prompts (`Prompt`: the image, fitted to the judge's grid, and token ids
+with the image block as one `<|image_pad|>`) and offers two calls over a list of them: greedy
+generation and scoring of forced continuations. Each call answers one result or one exception per
+prompt, in order, so one bad prompt never loses the others. What a runtime may reuse between prompts
+(image encodings, the KV state of a shared token prefix) it keys by pixels and token ids and keeps
+to itself. Prompts, the chat layout, parsing and records live in `dfj.judge`, once for every runtime.
+
+A new runtime implements five methods: `load`, `tokenize`, `decode`, `generate`, `score`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -14,9 +23,78 @@ from PIL import Image
 from dfj import prompts
 from dfj.images import PixelLimits
 
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prepared prompt. `ids` holds the image block once (`<|vision_start|><|image_pad|><|vision_end|>`,
+    the pad not expanded); the first `head` ids are shared with the other prompts of its group (same
+    image and label), which a runtime may compute once."""
+
+    image: Image.Image
+    ids: tuple[int, ...]
+    head: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.head < len(self.ids):
+            raise ValueError(f"head {self.head} must leave at least one of the prompt's {len(self.ids)} ids to run")
+
+    @cached_property
+    def image_key(self) -> str:
+        """The image's identity for caches: a digest of its pixels and size."""
+        import hashlib
+
+        rgb = np.ascontiguousarray(np.asarray(self.image.convert("RGB"), dtype=np.uint8))
+        return hashlib.sha256(rgb.tobytes()).hexdigest() + f":{self.image.width}x{self.image.height}"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A continuation forced after a prompt, and what to read at each of its positions (row i predicts
+    `forced[i]`): the log-probabilities of `tokens`, the `top_k` most likely ids, or (`full`) whole rows."""
+
+    forced: tuple[int, ...]
+    tokens: tuple[int, ...] = ()
+    top_k: int = 0
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.forced:
+            raise ValueError("a scoring needs at least one forced id")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, not {self.top_k}")
+
+
+@dataclass
+class Scores:
+    """What a `Scoring` asked for, float32 log-probabilities, one row per forced position."""
+
+    tokens: np.ndarray  # (n, len(scoring.tokens))
+    top_ids: np.ndarray  # (n, top_k) int64, most likely first
+    top_logprobs: np.ndarray  # (n, top_k)
+    rows: np.ndarray | None = None  # (n, vocab) when scoring.full
+
+    @classmethod
+    def from_logprobs(cls, logprobs: Any, scoring: Scoring) -> "Scores":
+        """Select from a (n, vocab) log-probability matrix (torch tensor or array): only what was asked
+        for leaves the runtime's own memory."""
+        import torch
+
+        rows = torch.as_tensor(logprobs)
+        tokens = rows[:, list(scoring.tokens)] if scoring.tokens else rows[:, :0]
+        top = torch.topk(rows, scoring.top_k, dim=-1) if scoring.top_k else None
+        return cls(tokens=tokens.float().cpu().numpy(),
+                   top_ids=(top.indices if top is not None else torch.zeros((rows.shape[0], 0), dtype=torch.long)).cpu().numpy(),
+                   top_logprobs=(top.values if top is not None else rows[:, :0]).float().cpu().numpy(),
+                   rows=rows.float().cpu().numpy() if scoring.full else None)
+
+
+Result = Any  # list[int] (generate) or Scores (score), or the Exception that item raised
+
 
 class Runtime(ABC):
-    """Runs one judge model. Inputs are already validated: an RGB image and the full chat text."""
+    """Runs one judge model on prepared prompts."""
 
     name: str = ""
     limits: PixelLimits
@@ -28,92 +106,65 @@ class Runtime(ABC):
         """Build the runtime from a resolved `dfj.sources.Source`."""
 
     @abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of trusted text (the template's, or a judge's own output): special-token strings are
-        control tokens; no image expansion."""
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """Token ids of `text`, no image expansion. `special=True` (the chat template's text, a judge's
+        own output): special-token strings are control tokens. `special=False` (the label and the
+        detector's responses, untrusted): they are ordinary characters, never control tokens."""
 
     @abstractmethod
-    def tokenize_plain(self, text: str) -> list[int]:
-        """Token ids of untrusted text (the user's prompt: label and detector responses): special-token
-        strings are ordinary characters, never control tokens."""
-
-    def tokenize_chat(self, chat: str) -> list[int]:
-        """Token ids of a chat made by `prompts.render_chat`, its one image pad not expanded: the
-        template's text with its control tokens, the user's prompt as plain text."""
-        head, prompt, rest = prompts.split_chat(chat)
-        return self.tokenize(head) + self.tokenize_plain(prompt) + self.tokenize(rest)
-
-    @abstractmethod
-    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
-        """The token ids this runtime runs for (image, chat), each image token as `<|image_pad|>`."""
-
-    @abstractmethod
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, special tokens removed."""
 
     @abstractmethod
-    def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
-        """Greedy continuation of `chat`, without the stop token."""
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, stop: str | None = None) -> list[Result]:
+        """Greedy continuation ids of each prompt (end-of-turn token not included), ending early once
+        the decoded text ends with `stop`; an exception in the place of a prompt that failed."""
 
     @abstractmethod
-    def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
-        """(len(ids), vocab) float32 log-probabilities of each position, teacher-forced on `ids`."""
-
-    # -- fast path: runtimes that can reuse work across records override these ----------------------
-    def generate_ids_cached(self, image: Image.Image, chat: str, max_new_tokens: int, prefix_chars: int | None,
-                            stop: str | None = None) -> list[int]:
-        """As `generate_ids`; `chat[:prefix_chars]` is shared by other records of the same image and
-        label and may be served from a cache; generation may end early at `stop`."""
-        return self.generate_ids(image, chat, max_new_tokens)
-
-    def generate_ids_batch(self, items: list[tuple[Image.Image, str, int | None]], max_new_tokens: int,
-                           stop: str | None = None) -> list[list[int] | Exception]:
-        """`generate_ids_cached` for several prompts (a runtime may batch those sharing a prefix); an
-        item that fails gets its exception in its place, the others are unaffected."""
-        outputs: list[list[int] | Exception] = []
-        for image, chat, prefix in items:
-            try:
-                outputs.append(self.generate_ids_cached(image, chat, max_new_tokens, prefix, stop))
-            except Exception as exc:  # one prompt's failure must not lose the others
-                outputs.append(exc)
-        return outputs
-
-    def logprobs_ids_cached(self, image: Image.Image, chat: str, ids: list[int], prefix_chars: int | None) -> np.ndarray:
-        return self.logprobs_ids(image, chat, ids)
-
-    def logprobs_ids_batch(self, items: list[tuple[Image.Image, str, list[int], int | None]]) -> list[np.ndarray | Exception]:
-        """`logprobs_ids_cached` for several (image, chat, ids, prefix_chars) items (a runtime may run
-        those sharing a prefix as one padded batch); a failing item gets its exception in its place."""
-        outputs: list[np.ndarray | Exception] = []
-        for image, chat, ids, prefix in items:
-            try:
-                outputs.append(self.logprobs_ids_cached(image, chat, ids, prefix))
-            except Exception as exc:  # one prompt's failure must not lose the others
-                outputs.append(exc)
-        return outputs
-
-    def generate(self, image: Image.Image, chat: str, max_new_tokens: int) -> str:
-        return self.decode(self.generate_ids(image, chat, max_new_tokens))
-
-    def logprobs(self, image: Image.Image, chat: str, continuation: str) -> np.ndarray:
-        ids = self.tokenize(continuation)
-        if not ids:
-            raise ValueError("continuation is empty")
-        return self.logprobs_ids(image, chat, ids)
+    def score(self, prompts: Sequence[Prompt], scorings: Sequence[Scoring]) -> list[Result]:
+        """`Scores` of each (prompt, scoring) pair; an exception in the place of a pair that failed."""
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name}
 
+    def close(self) -> None:
+        """Free native resources now (they are also freed when the runtime is collected)."""
 
-def shared_prefix_length(ids: list[int], head: list[int], image_token_id: int, image_tokens: int) -> int:
-    """How many leading prompt tokens are the tokens of the shared chat head (its one image pad
-    expanded to the image's tokens); 0 when the full prompt does not start with exactly them (BPE
-    merged across the boundary) or when nothing would be left to run after them."""
-    expanded: list[int] = []
-    for token in head:
-        expanded.extend([token] * image_tokens if token == image_token_id else [token])
-    n = len(expanded)
-    if n >= len(ids) - 1 or ids[:n] != expanded:
-        return 0
-    return n
 
+# -- helpers every runtime and caller shares ----------------------------------------------------------
+def chat_ids(chat: str, tokenize: Callable[[str, bool], list[int]]) -> list[int]:
+    """Token ids of a chat made by `prompts.render_chat` (plus any trusted continuation appended): the
+    template's text with its control tokens, the user's prompt as plain text."""
+    head, prompt, rest = prompts.split_chat(chat)
+    return tokenize(head, True) + tokenize(prompt, False) + tokenize(rest, True)
+
+
+def each(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Result]:
+    """`work` on each item, an item's exception in its place: one failure never loses the others."""
+    results: list[Result] = []
+    for item in items:
+        try:
+            results.append(work(item))
+        except Exception as exc:  # noqa: BLE001 - reported per item, in order
+            results.append(exc)
+    return results
+
+
+def groups_by_head(prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Indices of prompts sharing image and head ids, in first-seen order (a runtime runs each group's
+    head once); a prompt with no head is a group of its own."""
+    from collections import OrderedDict
+
+    found: OrderedDict[Any, list[int]] = OrderedDict()
+    for index, prompt in enumerate(prompts):
+        key = (prompt.image_key, prompt.ids[: prompt.head]) if prompt.head else ("alone", index)
+        found.setdefault(key, []).append(index)
+    return list(found.values())
+
+
+def image_block(ids: Sequence[int], pad_id: int) -> int:
+    """Index of the one image pad in a prompt's ids; an error unless there is exactly one."""
+    at = [i for i, token in enumerate(ids) if token == pad_id]
+    if len(at) != 1:
+        raise ValueError(f"a prompt holds exactly one image pad, this one {len(at)}")
+    return at[0]

@@ -1,16 +1,17 @@
 """The llama.cpp backend: a dfj GGUF artifact (text GGUF + mmproj) through llama-cpp-python.
 
-The chat is the one `dfj.prompts` renders for every runtime. mtmd tokenizes the template's head,
-whose image block becomes its media marker, encodes the image and places its embeddings with
-Qwen2.5-VL's M-RoPE positions; the user's prompt follows as plain text (parse_special off: no control
-tokens from a response). The text runs through llama.cpp's own tokenizer and decoder (low-level API:
-no `Llama` object, whose per-position score buffer would cost n_ctx x vocab floats). The image arrives
-already at its model size (`dfj.images.fit_to_grid`), and the mtmd token limits are the judge's pixel
-limits, so mtmd copies it without resampling.
+Prompts arrive as token ids (made with this runtime's own tokenizer: the template's text with its
+control tokens, the label and responses as plain text). Only the image block goes to mtmd, which
+encodes the image and places its embeddings with Qwen2.5-VL's M-RoPE positions. The text runs through
+llama.cpp's low-level API (no `Llama` object, whose per-position score buffer would cost n_ctx x vocab
+floats). The image arrives already at its model size (`dfj.images.fit_to_grid`), and the mtmd token
+limits are the judge's pixel limits, so mtmd copies it without resampling.
 
-One KV sequence is kept between calls: a prompt that starts with the tokens already evaluated for
-the same image (the records of one image and label) only runs what follows them. Image embeddings
-are cached by image content, so records that come back to an earlier image skip the vision encoder.
+KV sequence 0 holds the head a group of prompts shares (same image and label: the chat up to the
+first response) and is kept between calls, so the next group on that image and label runs only what
+follows it. Each prompt of a group is a sequence of its own that starts as a copy of sequence 0 (the
+cells are shared, not recomputed); the group's suffixes run in one decode batch, and greedy decoding
+advances every unfinished sequence in each step. Image embeddings are cached by image content.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from dfj import prompts
 from dfj.images import PixelLimits, fit_to_grid
-from dfj.runtime.base import Runtime
+from dfj.runtime.base import Prompt, Runtime, Scores, Scoring, image_block
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
@@ -41,6 +42,8 @@ DEFAULT_CONTEXT = 8192
 BATCH = 512
 GGML_TYPE_F32 = 0
 VISION_ENTRIES = 16
+# Sequences decoded together (DFJ: 10 pairs or 5 responses per image); sequence 0 holds the shared head.
+SEQUENCES = 10
 
 _LOG_SINK = None
 
@@ -60,9 +63,13 @@ def quiet_llama():
     return llama_cpp
 
 
+class _NoRoom(RuntimeError):
+    """The KV cache has no room for a whole group (it then runs one prompt at a time)."""
+
+
 @dataclass
 class _KvState:
-    """What the single KV sequence holds: head ids, the image, then `tokens` from position `image_end`."""
+    """What KV sequence 0 holds: head ids, the image, then `tokens` from position `image_end`."""
 
     image_key: str
     head: list[int]
@@ -120,6 +127,10 @@ class LlamaCppRuntime(Runtime):
         params.n_batch = params.n_ubatch = BATCH
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        # Sequence 0 holds a group's shared head, 1..SEQUENCES its prompts; one unified KV cache so that
+        # every sequence may use the whole context and copies of the head share its cells.
+        params.n_seq_max = SEQUENCES + 1
+        params.kv_unified = True
         exact = llama_cpp.llama_model_ftype(self.model) == 0
         if exact:  # an all-f32 model keeps f32 attention (flash attention on CPU rounds K/V to f16)
             params.type_k = params.type_v = GGML_TYPE_F32
@@ -144,8 +155,9 @@ class LlamaCppRuntime(Runtime):
         if not self.vision:
             raise RuntimeError(f"llama.cpp (mtmd) could not load {folder / MMPROJ_FILE}")
         self.normalizer = _normalizer(folder) if normalizer == "manifest" else normalizer
-        self.stop_ids = {self.tokenize(t)[0] for t in STOP_TOKENS}
-        self.image_pad_id = self.tokenize("<|image_pad|>")[0]
+        self.stop_ids = {self.tokenize(t, True)[0] for t in STOP_TOKENS}
+        self.image_pad_id, self.vision_start_id, self.vision_end_id = (
+            self.tokenize(t, True)[0] for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
         self._state: _KvState | None = None
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> mmproj output
@@ -155,6 +167,11 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "LlamaCppRuntime":
+        """Options: `limits` (PixelLimits), `context` (positions, default 8,192), `threads`, `normalizer`
+        (the Unicode normalisation of the source tokenizer; default: as the manifest records)."""
+        unknown = set(options) - {"limits", "context", "threads", "normalizer"}
+        if unknown:
+            raise ValueError(f"unknown llama.cpp runtime options: {', '.join(sorted(unknown))}")
         if dtype not in (None, "float32", "fp32", "auto"):
             raise ValueError(f"a GGUF artifact runs in the precision it was exported with; dtype={dtype!r} is not available")
         folder = Path(source.path)
@@ -162,12 +179,8 @@ class LlamaCppRuntime(Runtime):
             raise ValueError(f"{source.name} is not a dfj GGUF artifact ({TEXT_FILE} + {MMPROJ_FILE}); "
                              "export one with --quant gguf-f16")
         return cls(folder, options.get("limits") or source.limits, device=device,
-                   context=options.get("context") or DEFAULT_CONTEXT, threads=options.get("threads"))
-
-    @classmethod
-    def from_folder(cls, folder: Path, limits: PixelLimits | None = None, device: str = "cpu",
-                    normalizer: str | None = "manifest", context: int = DEFAULT_CONTEXT) -> "LlamaCppRuntime":
-        return cls(Path(folder), limits or PixelLimits(), device=device, normalizer=normalizer, context=context)
+                   context=options.get("context") or DEFAULT_CONTEXT, threads=options.get("threads"),
+                   normalizer=options.get("normalizer", "manifest"))
 
     def close(self) -> None:
         """Free the native objects now (they are also freed when the runtime is collected)."""
@@ -194,25 +207,20 @@ class LlamaCppRuntime(Runtime):
     def _normalized(self, text: str) -> str:
         return unicodedata.normalize(self.normalizer, text) if self.normalizer else text
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenize(text, parse_special=True)
-
-    def tokenize_plain(self, text: str) -> list[int]:
-        return self._tokenize(text, parse_special=False)
-
-    def _tokenize(self, text: str, parse_special: bool) -> list[int]:
+    def tokenize(self, text: str, special: bool) -> list[int]:
         data = self._normalized(text).encode("utf-8")
         size = len(data) + 8
         while True:
             out = (self.llama_cpp.llama_token * size)()
-            n = self.llama_cpp.llama_tokenize(self.vocab, data, len(data), out, size, False, parse_special)
+            n = self.llama_cpp.llama_tokenize(self.vocab, data, len(data), out, size, False, special)
             if n >= 0:
                 return list(out[:n])
             size = -n
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         if not ids:
             return ""
+        ids = list(ids)
         tokens = (self.llama_cpp.llama_token * len(ids))(*ids)
         size = 16 * len(ids) + 16
         while True:
@@ -223,58 +231,56 @@ class LlamaCppRuntime(Runtime):
             size = -n
 
     # -- prompt ----------------------------------------------------------------------------------
-    def _prompt(self, image: Image.Image, chat: str) -> _Prompt:
-        # mtmd tokenizes only the template's head (its image block becomes the image chunk); the
-        # user's prompt follows as plain text, so a response cannot add control tokens or images.
-        head_text, prompt_text, rest_text = prompts.split_chat(chat)
-        if not head_text.endswith(IMAGE_BLOCK) or head_text.count(IMAGE_BLOCK) != 1:
-            raise ValueError(f"the chat template's head must end with its one image block {IMAGE_BLOCK!r}")
-        image = fit_to_grid(image, self.limits)
+    def _prompt(self, prepared: Prompt) -> _Prompt:
+        """The prepared ids split at their image block; mtmd turns the block into its image chunk (its
+        own `<|vision_start|>`/`<|vision_end|>` text around it). Only the block's marker is given to mtmd
+        as text: every other id is the caller's, so a response cannot add control tokens or images."""
+        ids = list(prepared.ids)
+        at = image_block(ids, self.image_pad_id)
+        if not (0 < at < len(ids) - 1 and ids[at - 1] == self.vision_start_id and ids[at + 1] == self.vision_end_id):
+            raise ValueError(f"the image pad must sit in the image block {IMAGE_BLOCK!r}")
+        image = fit_to_grid(prepared.image, self.limits)
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-        image_key = hashlib.sha256(rgb.tobytes()).hexdigest() + f":{image.width}x{image.height}"
         bitmap = self.mtmd.mtmd_bitmap_init(image.width, image.height,
                                             rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
         chunks = self.mtmd.mtmd_input_chunks_init()
         try:
             text = self.mtmd.mtmd_input_text()
-            data = self._normalized(head_text.replace(IMAGE_BLOCK, self.marker.decode())).encode("utf-8")
+            data = self.marker
             text.text, text.text_len, text.add_special, text.parse_special = data, len(data), False, True
             bitmaps = (self.mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
             status = self.mtmd.mtmd_tokenize(self.vision, chunks, ctypes.byref(text), bitmaps, 1)
             if status != 0:
-                raise RuntimeError(f"mtmd could not tokenize the prompt (status {status})")
-            head: list[int] = []
-            tail: list[int] = []
+                raise RuntimeError(f"mtmd could not tokenize the image block (status {status})")
+            before: list[int] = []
+            after: list[int] = []
             image_chunk = None
             for index in range(self.mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = self.mtmd.mtmd_input_chunks_get(chunks, index)
                 if self.mtmd.mtmd_input_chunk_get_type(chunk) == self.mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     count = ctypes.c_size_t()
                     pointer = self.mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                    (tail if image_chunk is not None else head).extend(pointer[i] for i in range(count.value))
+                    (after if image_chunk is not None else before).extend(pointer[i] for i in range(count.value))
                 elif image_chunk is None:
                     image_chunk = chunk
                 else:
                     raise RuntimeError("mtmd made more than one image chunk")
             if image_chunk is None:
                 raise RuntimeError("mtmd made no image chunk")
-            tail.extend(self.tokenize_plain(prompt_text) + self.tokenize(rest_text))
+            if before != [self.vision_start_id] or after != [self.vision_end_id]:
+                raise RuntimeError(f"mtmd wraps the image as {before} ... {after}, not in the prompt's image block")
         except BaseException:
             self.mtmd.mtmd_input_chunks_free(chunks)
             raise
         finally:
             self.mtmd.mtmd_bitmap_free(bitmap)
-        return _Prompt(head, tail, self.mtmd.mtmd_input_chunk_get_n_tokens(image_chunk),
-                       self.mtmd.mtmd_input_chunk_get_n_pos(image_chunk), image_key, chunks, image_chunk)
-
-    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
-        """The prompt as one id list, each image token shown as `<|image_pad|>` (as transformers' processor)."""
-        pad = self.image_pad_id
-        return self._with_prompt(image, chat, lambda p: p.head + [pad] * p.image_tokens + p.tail)
-
-    def image_embeddings(self, image: Image.Image) -> np.ndarray:
-        """(image tokens, hidden) embeddings of the mmproj for `image` (after the shared resize)."""
-        return self._with_prompt(image, prompts.render_chat(""), lambda prompt: self._encode(prompt).copy())
+        built = _Prompt(ids[:at], ids[at + 1:], self.mtmd.mtmd_input_chunk_get_n_tokens(image_chunk),
+                        self.mtmd.mtmd_input_chunk_get_n_pos(image_chunk), prepared.image_key, chunks, image_chunk)
+        needed = len(built.head) + built.image_positions + len(built.tail)
+        if needed > self.context_length:
+            self.mtmd.mtmd_input_chunks_free(chunks)
+            raise ValueError(f"prompt needs {needed} positions; the context holds {self.context_length}")
+        return built
 
     def _encode(self, prompt: _Prompt) -> np.ndarray:
         """The mmproj output for the prompt's image, from the cache when this image was seen."""
@@ -296,17 +302,23 @@ class LlamaCppRuntime(Runtime):
             self._embeddings.popitem(last=False)
         return embeddings
 
-    def _run_prompt(self, prompt: _Prompt, extra: list[int], outputs: list[int]) -> tuple[np.ndarray, int]:
-        """Evaluate head, image, tail + `extra`; logits at `outputs` (indices into tail + extra).
+    def image_embeddings(self, prepared: Prompt) -> np.ndarray:
+        """(image tokens, hidden) mmproj output for a prepared prompt's image (tests compare it)."""
+        prompt = self._prompt(prepared)
+        try:
+            return self._encode(prompt).copy()
+        finally:
+            self.mtmd.mtmd_input_chunks_free(prompt.chunks)
 
-        The KV state of the previous call is reused when it had the same image and head: the tokens
-        after the image that both calls share are not run again (the other records of one image and
-        label share all but their response)."""
-        tokens = prompt.tail + extra
+    # -- KV sequences ----------------------------------------------------------------------------------
+    def _shared(self, prompt: _Prompt, common: list[int]) -> int:
+        """Make sequence 0 hold the prompt's head, its image and `common` (the text all sequences of the
+        group share); returns the position where the text after the image starts. Sequence 0 is kept
+        between calls: what it already holds for this image and head is not run again."""
         state, self._state = self._state, None
         if state and state.image_key == prompt.image_key and state.head == prompt.head:
             base = state.image_end
-            reuse = min(_common_prefix(state.tokens, tokens), min(outputs, default=len(tokens) - 1), len(tokens) - 1)
+            reuse = _common_prefix(state.tokens, common)
             self.llama_cpp.llama_memory_seq_rm(self.memory, 0, base + reuse, -1)
             self.stats["prefix_hits"] += 1
         else:
@@ -314,7 +326,7 @@ class LlamaCppRuntime(Runtime):
             self.stats["prefix_misses"] += 1
             started = time.perf_counter()
             self.llama_cpp.llama_memory_clear(self.memory, True)
-            self._decode(prompt.head, 0, [])
+            self._decode([(token, i, 0, False) for i, token in enumerate(prompt.head)])
             end = self.llama_cpp.llama_pos(0)
             no_callback = self.mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
             status = self.mtmd.mtmd_helper_decode_image_chunk(
@@ -325,96 +337,149 @@ class LlamaCppRuntime(Runtime):
             base, reuse = end.value, 0
             self.seconds["prefill"] += time.perf_counter() - started
         started = time.perf_counter()
-        logits = self._decode(tokens[reuse:], base + reuse, [i - reuse for i in outputs])
+        self._decode([(token, base + i, 0, False) for i, token in enumerate(common[reuse:], start=reuse)])
         self.seconds["prefill"] += time.perf_counter() - started
-        self._state = _KvState(prompt.image_key, prompt.head, base, list(tokens))
-        return logits, base + len(tokens)
+        self._state = _KvState(prompt.image_key, prompt.head, base, list(common))
+        return base
 
-    def _step(self, token: int, position: int) -> np.ndarray:
-        """Decode one generated token after `_run_prompt`, keeping the KV state's token list true."""
-        state, self._state = self._state, None
+    def _run_group(self, group: list[_Prompt], extras: list[list[int]], outputs: list[list[int]]) -> tuple[list[np.ndarray], int]:
+        """Run the prompts of one group (same image and head) as sequences 1..n, each a copy of sequence
+        0's shared KV (llama.cpp's sequence copy: the cells are shared, not recomputed) followed by its
+        own tokens, all in one decode batch. Returns each prompt's logits at `outputs` (indices into its
+        tail + extra) and the position where the text after the image starts."""
+        tokens = [p.tail + e for p, e in zip(group, extras)]
+        shared = min([_common_prefix(tokens[0], t) for t in tokens] + [min(o) for o in outputs])
+        base = self._shared(group[0], tokens[0][:shared])
+        entries = []
+        for seq, (sequence, wanted) in enumerate(zip(tokens, outputs), start=1):
+            self.llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.llama_cpp.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
+            wanted_set = set(wanted)
+            entries.extend((token, base + i, seq, i in wanted_set) for i, token in enumerate(sequence[shared:], start=shared))
         started = time.perf_counter()
-        logits = self._decode([token], position, [0])
-        self.seconds["decode"] += time.perf_counter() - started
-        if state is not None:
-            state.tokens.append(token)
-            self._state = state
-        return logits
+        rows = self._decode(entries)
+        self.seconds["prefill"] += time.perf_counter() - started
+        return [np.stack([rows[(seq, base + i)] for i in wanted]) for seq, wanted in enumerate(outputs, start=1)], base
 
-    def _decode(self, tokens: list[int], start: int, outputs: list[int]) -> np.ndarray:
-        """Decode `tokens` at positions start.. in batches; (len(outputs), vocab) logits at those indices."""
-        wanted = set(outputs)
-        rows: dict[int, np.ndarray] = {}
+    def _release(self, count: int) -> None:
+        for seq in range(1, count + 1):
+            self.llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[tuple[int, int], np.ndarray]:
+        """Decode (token, position, sequence, wants logits) entries in batches; logits by (sequence, position)."""
+        rows: dict[tuple[int, int], np.ndarray] = {}
         batch = self.batch
-        for offset in range(0, len(tokens), BATCH):
-            part = tokens[offset:offset + BATCH]
+        for offset in range(0, len(entries), BATCH):
+            part = entries[offset:offset + BATCH]
             batch.n_tokens = len(part)
-            for i, token in enumerate(part):
+            for i, (token, position, seq, wanted) in enumerate(part):
                 batch.token[i] = token
-                batch.pos[i] = start + offset + i
+                batch.pos[i] = position
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = (offset + i) in wanted
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = wanted
             status = self.llama_cpp.llama_decode(self.ctx, batch)
+            if status == 1:
+                raise _NoRoom(f"no room in the KV cache of {self.context_length} positions for this group")
             if status != 0:
                 raise RuntimeError(f"llama.cpp decode failed (status {status}; context {self.context_length} tokens)")
-            for i in range(len(part)):
-                if (offset + i) in wanted:
+            for i, (_, position, seq, wanted) in enumerate(part):
+                if wanted:
                     pointer = self.llama_cpp.llama_get_logits_ith(self.ctx, i)
-                    rows[offset + i] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
-        return np.stack([rows[i] for i in outputs]) if outputs else np.zeros((0, self.n_vocab), dtype=np.float32)
-
-    def _with_prompt(self, image: Image.Image, chat: str, work):
-        prompt = self._prompt(image, chat)
-        try:
-            needed = len(prompt.head) + prompt.image_positions + len(prompt.tail)
-            if needed > self.context_length:
-                raise ValueError(f"prompt needs {needed} positions; the context holds {self.context_length}")
-            return work(prompt)
-        finally:
-            self.mtmd.mtmd_input_chunks_free(prompt.chunks)
-
-    def prompt_logits(self, image: Image.Image, chat: str, positions: int = 24) -> np.ndarray:
-        """Logits at the last `positions` positions of `chat` (the export parity probe)."""
-        def work(prompt: _Prompt) -> np.ndarray:
-            if positions > len(prompt.tail):
-                raise ValueError(f"only {len(prompt.tail)} text positions follow the image")
-            return self._run_prompt(prompt, [], list(range(len(prompt.tail) - positions, len(prompt.tail))))[0]
-        return self._with_prompt(image, chat, work)
+                    rows[(seq, position)] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+        return rows
 
     # -- work ------------------------------------------------------------------------------------
-    def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
-        return self.generate_ids_cached(image, chat, max_new_tokens, None)
+    def _grouped(self, prepared: list[Prompt], work) -> list:
+        """Build each prompt (a failure in its place), run groups of the same image and head together
+        (at most SEQUENCES at once); a group that fails runs again one prompt at a time."""
+        from dfj.runtime.base import groups_by_head
 
-    def generate_ids_cached(self, image, chat, max_new_tokens, prefix_chars, stop=None) -> list[int]:
-        def work(prompt: _Prompt) -> list[int]:
-            logits, position = self._run_prompt(prompt, [], [len(prompt.tail) - 1])
-            generated: list[int] = []
+        results: list = [None] * len(prepared)
+        built: dict[int, _Prompt] = {}
+        try:
+            for index, prompt in enumerate(prepared):
+                try:
+                    built[index] = self._prompt(prompt)
+                except Exception as exc:  # noqa: BLE001 - this prompt's error, in its place
+                    results[index] = exc
+            for indices in groups_by_head(prepared):
+                indices = [i for i in indices if i in built]
+                for start in range(0, len(indices), SEQUENCES):
+                    part = indices[start:start + SEQUENCES]
+                    try:
+                        outputs = work([built[i] for i in part], part)
+                    except Exception:  # e.g. no KV room for the whole group: one at a time, failures in place
+                        self._state = None
+                        outputs = []
+                        for i in part:
+                            try:
+                                outputs.append(work([built[i]], [i])[0])
+                            except Exception as exc:  # noqa: BLE001
+                                self._state = None
+                                outputs.append(exc)
+                    for i, output in zip(part, outputs):
+                        results[i] = output
+        finally:
+            for prompt in built.values():
+                self.mtmd.mtmd_input_chunks_free(prompt.chunks)
+        return results
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, stop: str | None = None) -> list:
+        return self._grouped(list(prompts), lambda group, _: self._generate_group(group, max_new_tokens, stop))
+
+    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, stop: str | None) -> list:
+        """Greedy decoding of the group's sequences, every unfinished one advanced in each decode step
+        (decoding on a CPU reads all weights per step: more rows cost little)."""
+        try:
+            logits, base = self._run_group(group, [[] for _ in group], [[len(p.tail) - 1] for p in group])
+            last = [row[-1] for row in logits]
+            position = [base + len(p.tail) for p in group]
+            generated: list[list[int]] = [[] for _ in group]
+            results: list = [None] * len(group)
+            started = time.perf_counter()
             while True:
-                token = int(np.argmax(logits[-1]))
-                if token in self.stop_ids:
+                entries = []
+                for j in range(len(group)):
+                    if results[j] is not None:
+                        continue
+                    token = int(np.argmax(last[j]))
+                    if token in self.stop_ids:
+                        results[j] = generated[j]
+                        continue
+                    generated[j].append(token)
+                    if len(generated[j]) >= max_new_tokens or (stop and self.decode(generated[j]).endswith(stop)):
+                        results[j] = generated[j]
+                    elif position[j] >= self.context_length:
+                        results[j] = ValueError(f"generation ran past the context of {self.context_length} tokens")
+                    else:
+                        entries.append((token, position[j], j + 1, True))
+                        position[j] += 1
+                if not entries:
                     break
-                generated.append(token)
-                if len(generated) >= max_new_tokens or (stop and self.decode(generated).endswith(stop)):
-                    break
-                if position >= self.context_length:
-                    raise ValueError(f"generation ran past the context of {self.context_length} tokens")
-                logits = self._step(token, position)
-                position += 1
-            return generated
-        return self._with_prompt(image, chat, work)
+                rows = self._decode(entries)
+                for token, pos, seq, _ in entries:
+                    last[seq - 1] = rows[(seq, pos)]
+            self.seconds["decode"] += time.perf_counter() - started
+            return results
+        finally:
+            self._release(len(group))
 
-    def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
+    def score(self, prompts: Sequence[Prompt], scorings: Sequence[Scoring]) -> list:
+        if len(prompts) != len(scorings):
+            raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
+        return self._grouped(list(prompts), lambda group, indices: self._score_group(group, [scorings[i] for i in indices]))
+
+    def _score_group(self, group: list[_Prompt], scorings: list[Scoring]) -> list:
         from scipy.special import log_softmax
 
-        def work(prompt: _Prompt) -> np.ndarray:
-            first = len(prompt.tail) - 1
-            logits, _ = self._run_prompt(prompt, list(ids), list(range(first, first + len(ids))))
-            return log_softmax(logits.astype(np.float64), axis=-1).astype(np.float32)
-        return self._with_prompt(image, chat, work)
-
-    def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
-        return self.logprobs_ids(image, chat, ids)
+        try:
+            outputs = [list(range(len(p.tail) - 1, len(p.tail) - 1 + len(s.forced))) for p, s in zip(group, scorings)]
+            logits, _ = self._run_group(group, [list(s.forced) for s in scorings], outputs)
+        finally:
+            self._release(len(group))
+        return [Scores.from_logprobs(log_softmax(rows.astype(np.float64), axis=-1).astype(np.float32), scoring)
+                for rows, scoring in zip(logits, scorings)]
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "context": self.context_length,

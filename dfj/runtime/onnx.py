@@ -87,14 +87,18 @@ class OnnxRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "OnnxRuntime":
+        """Options: `limits` (PixelLimits; default: as the manifest records)."""
+        unknown = set(options) - {"limits"}
+        if unknown:
+            raise ValueError(f"unknown ONNX runtime options: {', '.join(sorted(unknown))}")
         if dtype not in (None, "float32", "fp32"):
             raise ValueError(f"an ONNX artifact runs in the precision it was exported with; dtype={dtype!r} is not available")
         if not (Path(source.path) / "onnx.json").is_file():
             raise ValueError(f"{source.name} is not a dfj ONNX artifact (no onnx.json); export one with --quant onnx-fp32")
-        return cls.from_folder(Path(source.path), device=device, limits=options.get("limits") or source.limits)
+        return cls._open(Path(source.path), device=device, limits=options.get("limits") or source.limits)
 
     @classmethod
-    def from_folder(cls, folder: Path, device: str = "cpu", limits: PixelLimits | None = None) -> "OnnxRuntime":
+    def _open(cls, folder: Path, device: str, limits: PixelLimits) -> "OnnxRuntime":
         import onnxruntime as ort
         from transformers import AutoConfig, AutoProcessor
 
@@ -114,30 +118,23 @@ class OnnxRuntime(Runtime):
         with hf.quiet_transformers():
             processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        return cls(folder, sessions, processor, config, info, device, limits or PixelLimits())
+        return cls(folder, sessions, processor, config, info, device, limits)
 
     # -- text ------------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self.chat.tokenize(text)
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.chat.tokenize_as(text, special)
 
-    def tokenize_plain(self, text: str) -> list[int]:
-        return self.chat.tokenize_plain(text)
-
-    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
-        return self.chat.encode(image, chat)["input_ids"][0].tolist()
-
-    def decode(self, ids: list[int]) -> str:
-        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids) -> str:
+        return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # -- graphs ----------------------------------------------------------------------------------
-    def _prefill(self, image: Image.Image, chat: str, extra_ids: list[int], logits_index: np.ndarray | None,
-                 prefix_chars: int | None = None):
+    def _prefill(self, prompt, extra_ids: list[int], logits_index: np.ndarray | None):
         """Run the prompt (plus `extra_ids`). Returns logits (at `logits_index`, positions in the whole
         sequence; default the last), the KV cache, the attention mask and the next M-RoPE position.
 
-        With `prefix_chars`, the image embeddings and the KV state of `chat[:prefix_chars]` (shared by
-        the records of one image and label) come from this runtime's caches when seen before."""
-        inputs = self.chat.encode(image, chat)
+        The image embeddings and the KV state of the prompt's head (shared by the records of one image
+        and label) come from this runtime's caches when seen before."""
+        inputs = self.chat.encode_ids(prompt.image, prompt.ids)
         ids = inputs["input_ids"]
         types = inputs["mm_token_type_ids"]
         if extra_ids:
@@ -156,9 +153,12 @@ class OnnxRuntime(Runtime):
         length = ids.shape[1]
         if logits_index is None:
             logits_index = np.array([length - 1], dtype=np.int64)
+        # The head counts the image pad once; in the graph's ids it is the image's tokens.
+        image_at = prompt.ids.index(self.image_token_id)
+        head = prompt.head + (int(is_image.sum()) - 1 if prompt.head > image_at else 0)
         start, past = 0, self._empty_past()
-        if prefix_chars:
-            start, past = self._prefix_state(ids, chat, prefix_chars, int(is_image.sum()), digest, embeds, positions)
+        if head:
+            start, past = head, self._head_state(ids, head, digest, embeds, positions)
         logits, cache = self._decode(embeds[:, start:], mask.numpy(), positions[:, :, start:],
                                      np.asarray(logits_index) - start, past)
         return logits, cache, mask.numpy(), int(positions.max()) + 1
@@ -178,27 +178,22 @@ class OnnxRuntime(Runtime):
             self.vision_cache.popitem(last=False)
         return image_embeds, digest
 
-    def _prefix_state(self, ids, chat, prefix_chars, image_tokens, digest, embeds, positions):
-        """(prefix length, its KV arrays): computed once per image and prefix, then reused (ONNX Runtime
-        returns fresh arrays, so a stored state is never modified by later records)."""
+    def _head_state(self, ids, n: int, digest: str, embeds, positions) -> list[np.ndarray]:
+        """The KV arrays of the first `n` ids: computed once per image and head ids, then reused (ONNX
+        Runtime returns fresh arrays, so a stored state is never modified by later records)."""
         import hashlib
 
-        from dfj.runtime.base import shared_prefix_length
-
-        n = shared_prefix_length(ids[0].tolist(), self.tokenize(chat[:prefix_chars]), self.image_token_id, image_tokens)
-        if not n:
-            return 0, self._empty_past()
         key = digest + ":" + hashlib.sha256(ids[0, :n].numpy().tobytes()).hexdigest()
         if key in self.prefix_cache:
             self.prefix_cache.move_to_end(key)
-            return n, self.prefix_cache[key]
+            return self.prefix_cache[key]
         mask = np.ones((1, n), dtype=np.int64)
         _, cache = self._decode(embeds[:, :n], mask, positions[:, :, :n], np.array([n - 1], dtype=np.int64),
                                 self._empty_past())
         self.prefix_cache[key] = cache
         while len(self.prefix_cache) > 4:
             self.prefix_cache.popitem(last=False)
-        return n, cache
+        return cache
 
     def _empty_past(self) -> list[np.ndarray]:
         shape = (1, self.info["num_key_value_heads"], 0, self.info["head_dim"])
@@ -211,31 +206,21 @@ class OnnxRuntime(Runtime):
         outputs = self.sessions["decoder"].run(None, feed)
         return outputs[0], outputs[1:]
 
-    def _image_tokens(self, image: Image.Image) -> int:
-        from dfj.images import PATCH_FACTOR, smart_resize
-
-        height, width = smart_resize(image.height, image.width, self.limits)
-        return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
-
-    def prompt_logits(self, image: Image.Image, chat: str, positions: int = 24) -> np.ndarray:
-        """Logits at the last `positions` positions of `chat` (the export parity probe)."""
-        ids_length = len(self.tokenize_chat(chat)) - 1 + self._image_tokens(image)
-        index = np.arange(ids_length - positions, ids_length, dtype=np.int64)
-        logits, *_ = self._prefill(image, chat, [], index)
-        return logits[0]
-
     # -- work ------------------------------------------------------------------------------------
-    def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
-        return self._greedy(image, chat, max_new_tokens, None, None)
+    def generate(self, prompts, max_new_tokens: int, stop: str | None = None) -> list:
+        from dfj.runtime.base import each
 
-    def generate_ids_cached(self, image, chat, max_new_tokens, prefix_chars, stop=None) -> list[int]:
-        return self._greedy(image, chat, max_new_tokens, prefix_chars, stop)
+        return each(prompts, lambda prompt: self._greedy(prompt, max_new_tokens, stop))
 
-    def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
-        return self._teacher_forced(image, chat, ids, prefix_chars)
+    def score(self, prompts, scorings) -> list:
+        from dfj.runtime.base import each
 
-    def _greedy(self, image, chat, max_new_tokens, prefix_chars, stop) -> list[int]:
-        logits, cache, mask, position = self._prefill(image, chat, [], None, prefix_chars)
+        if len(prompts) != len(scorings):
+            raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
+        return each(list(zip(prompts, scorings)), lambda pair: self._scores(*pair))
+
+    def _greedy(self, prompt, max_new_tokens: int, stop: str | None) -> list[int]:
+        logits, cache, mask, position = self._prefill(prompt, [], None)
         generated: list[int] = []
         while True:
             token = int(np.argmax(logits[0, -1]))
@@ -251,15 +236,19 @@ class OnnxRuntime(Runtime):
             logits, cache = self._decode(embeds, mask, positions, np.array([0], dtype=np.int64), cache)
         return generated
 
-    def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
-        return self._teacher_forced(image, chat, ids, None)
+    def _scores(self, prompt, scoring):
+        from dfj.runtime.base import Scores
 
-    def _teacher_forced(self, image, chat, ids, prefix_chars) -> np.ndarray:
-        prompt_length = len(self.tokenize_chat(chat)) - 1 + self._image_tokens(image)
-        index = np.arange(prompt_length - 1, prompt_length - 1 + len(ids), dtype=np.int64)
-        logits, *_ = self._prefill(image, chat, list(ids), index, prefix_chars)
-        logits = torch.from_numpy(logits[0]).float()
-        return torch.log_softmax(logits, dim=-1).numpy()
+        length = len(prompt.ids) - 1 + self._image_tokens(prompt.image)
+        index = np.arange(length - 1, length - 1 + len(scoring.forced), dtype=np.int64)
+        logits, *_ = self._prefill(prompt, list(scoring.forced), index)
+        return Scores.from_logprobs(torch.log_softmax(torch.from_numpy(logits[0]).float(), dim=-1), scoring)
+
+    def _image_tokens(self, image: Image.Image) -> int:
+        from dfj.images import PATCH_FACTOR, smart_resize
+
+        height, width = smart_resize(image.height, image.width, self.limits)
+        return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
 
     def describe(self) -> dict[str, Any]:
         providers = self.sessions["decoder"].get_providers()

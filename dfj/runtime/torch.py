@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -37,8 +36,12 @@ class TorchRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Source, device: str = "cpu", dtype: str | None = None, **options: Any) -> "TorchRuntime":
+        """Options: `limits` (PixelLimits; default: as the manifest records)."""
         from transformers import AutoProcessor
 
+        unknown = set(options) - {"limits"}
+        if unknown:
+            raise ValueError(f"unknown torch runtime options: {', '.join(sorted(unknown))}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
         torch_dtype = hf.torch_dtype(dtype, device)
@@ -56,28 +59,51 @@ class TorchRuntime(Runtime):
         return cls(model, processor, device, limits)
 
     # -- inputs ---------------------------------------------------------------------------------
-    def encode(self, image: Image.Image, chat: str) -> dict[str, torch.Tensor]:
-        inputs = self.chat.encode(image, chat)
+    def encode_ids(self, image: Image.Image, ids) -> dict[str, torch.Tensor]:
+        inputs = self.chat.encode_ids(image, ids)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.chat.tokenize(text)
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.chat.tokenize_as(text, special)
 
-    def tokenize_plain(self, text: str) -> list[int]:
-        return self.chat.tokenize_plain(text)
+    def decode(self, ids) -> str:
+        return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def prompt_ids(self, image: Image.Image, chat: str) -> list[int]:
-        return self.chat.encode(image, chat)["input_ids"][0].tolist()
+    # -- work (dfj/runtime/torch_cache.py: vision cache, head KV reuse, batched groups) -------------------
+    @property
+    def cached(self):
+        if getattr(self, "_cached", None) is None:
+            from dfj.runtime.torch_cache import CachedForward
 
-    def decode(self, ids: list[int]) -> str:
-        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            self._cached = CachedForward(self)
+        return self._cached
 
-    # -- work ------------------------------------------------------------------------------------
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.cached.seconds
+
+    def generate(self, prompts, max_new_tokens: int, stop: str | None = None) -> list:
+        return self.cached.generate_many(list(prompts), max_new_tokens, self.eos_ids, stop)
+
+    def score(self, prompts, scorings) -> list:
+        from dfj.runtime.base import Scores
+
+        if len(prompts) != len(scorings):
+            raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
+        logits = self.cached.teacher_forced_many(list(prompts), [list(s.forced) for s in scorings])
+        out: list = []
+        for result, scoring in zip(logits, scorings):
+            out.append(result if isinstance(result, Exception)
+                       else Scores.from_logprobs(torch.log_softmax(result.float(), dim=-1), scoring))
+        return out
+
     @torch.inference_mode()
-    def generate_ids(self, image: Image.Image, chat: str, max_new_tokens: int) -> list[int]:
+    def reference_generate(self, prompt, max_new_tokens: int) -> list[int]:
+        """transformers' own `generate` on one prompt, no caches: the DFJ reference scripts' path, the
+        baseline of `dfj.bench.speed` and of the tests of the cached path."""
         from transformers import GenerationConfig
 
-        inputs = self.encode(image, chat)
+        inputs = self.encode_ids(prompt.image, prompt.ids)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,  # greedy, whatever the checkpoint's generation_config.json says
@@ -90,50 +116,6 @@ class TorchRuntime(Runtime):
             output = self.model.generate(**inputs, generation_config=config)
         ids = output[0, inputs["input_ids"].shape[1]:].tolist()
         return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
-
-    @torch.inference_mode()
-    def logprobs_ids(self, image: Image.Image, chat: str, ids: list[int]) -> np.ndarray:
-        inputs = self.encode(image, chat)
-        cont = torch.tensor([ids], dtype=inputs["input_ids"].dtype, device=self.device)
-        n = cont.shape[1]
-        full = dict(inputs)
-        full["input_ids"] = torch.cat([inputs["input_ids"], cont], dim=1)
-        full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], dim=1)
-        # Only the positions that predict the continuation: the full-vocabulary head on every prompt
-        # position would cost as much as the layers.
-        logits = self.model(**full, logits_to_keep=n + 1, use_cache=False).logits[0, :n]
-        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
-
-    # -- fast path (vision cache, prefix KV reuse): dfj/runtime/torch_cache.py --------------------------
-    @property
-    def cached(self):
-        if getattr(self, "_cached", None) is None:
-            from dfj.runtime.torch_cache import CachedForward
-
-            self._cached = CachedForward(self)
-        return self._cached
-
-    def generate_ids_cached(self, image, chat, max_new_tokens, prefix_chars, stop=None) -> list[int]:
-        return self.cached.generate(image, chat, prefix_chars, max_new_tokens, self.eos_ids, stop)
-
-    def generate_ids_batch(self, items, max_new_tokens, stop=None) -> list:
-        try:
-            return self.cached.generate_many(items, max_new_tokens, self.eos_ids, stop)
-        except Exception:  # e.g. out of memory for the batch: one prompt at a time, failures in place
-            return super().generate_ids_batch(items, max_new_tokens, stop)
-
-    def logprobs_ids_cached(self, image, chat, ids, prefix_chars) -> np.ndarray:
-        logits = self.cached.teacher_forced(image, chat, prefix_chars, list(ids))
-        return torch.log_softmax(logits, dim=-1).cpu().numpy()
-
-    def logprobs_ids_batch(self, items) -> list:
-        try:
-            rows = self.cached.teacher_forced_many(items)
-        except Exception:  # e.g. out of memory for the batch: one prompt at a time, failures in place
-            return super().logprobs_ids_batch(items)
-        return [torch.log_softmax(logits, dim=-1).cpu().numpy() for logits in rows]
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype)}

@@ -1,9 +1,9 @@
-"""The torch runtime's fast path: vision cache, prompt-prefix KV reuse, logits only where needed.
+"""The torch runtime's work: vision cache, prompt-head KV reuse, batched groups, logits only where needed.
 
 DFJ test sets put 5 (pointwise) or 10 (pairwise) responses on every image, and every prompt for one
 image and label is the same up to the first response. This path encodes each image once (keyed by
-its preprocessed pixels), computes the KV state of that shared prefix once, and for each record
-runs only the rest of the prompt and the decode steps, with the head applied only at the positions
+its preprocessed pixels), computes the KV state of that shared head once (keyed by its token ids),
+and for each record runs only the rest of the prompt and the decode steps, with the head applied only at the positions
 that are read. Positions are transformers' own 3-row M-RoPE indices over the full sequence; the
 greedy loop mirrors `generate` (argmax, stop at the end-of-turn tokens or a stop string).
 """
@@ -66,9 +66,9 @@ class CachedForward:
             self.vision.popitem(last=False)
         return features, digest
 
-    def _prompt(self, image, chat: str, prefix_chars: int | None, extra_ids: list[int]) -> _Prompt:
-        runtime = self.runtime
-        inputs = runtime.encode(image, chat)
+    def _prompt(self, prepared, extra_ids: list[int]) -> _Prompt:
+        """Embeddings and M-RoPE positions of a prepared prompt (+ forced ids); its head in expanded ids."""
+        inputs = self.runtime.encode_ids(prepared.image, prepared.ids)
         ids = inputs["input_ids"]
         types = inputs["mm_token_type_ids"]
         if extra_ids:
@@ -81,17 +81,11 @@ class CachedForward:
         embeds[0, is_image] = features.to(embeds.dtype)
         positions, _ = self.core.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"],
                                                 attention_mask=torch.ones_like(ids))
-        prefix = self._prefix_length(ids, chat, prefix_chars, int(is_image.sum()))
+        # The head counts the image pad once; in the model's ids it is the image's tokens.
+        image_at = prepared.ids.index(self.model.config.image_token_id)
+        prefix = prepared.head + (int(is_image.sum()) - 1 if prepared.head > image_at else 0)
         key = digest + ":" + hashlib.sha256(ids[0, :prefix].cpu().numpy().tobytes()).hexdigest()
         return _Prompt(ids, embeds, positions, prefix, key)
-
-    def _prefix_length(self, ids: torch.Tensor, chat: str, prefix_chars: int | None, image_tokens: int) -> int:
-        from dfj.runtime.base import shared_prefix_length
-
-        if not prefix_chars:
-            return 0
-        return shared_prefix_length(ids[0].tolist(), self.runtime.tokenize(chat[:prefix_chars]),
-                                    self.model.config.image_token_id, image_tokens)
 
     # -- model ---------------------------------------------------------------------------------------
     def _run(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -124,11 +118,6 @@ class CachedForward:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
-    @torch.inference_mode()
-    def teacher_forced(self, image, chat: str, prefix_chars: int | None, ids: list[int]) -> torch.Tensor:
-        """Logits predicting each of `ids` after the prompt (n, vocab); the shared prefix is not re-run."""
-        return self._teacher_forced(self._prompt(image, chat, prefix_chars, list(ids)), len(ids))
-
     def _teacher_forced(self, prompt: _Prompt, n: int) -> torch.Tensor:
         """Logits predicting the last `n` ids of `prompt` (they were appended as forced ids)."""
         prompt_length = prompt.ids.shape[1] - n
@@ -139,11 +128,6 @@ class CachedForward:
         self.seconds["prefill"] += time.perf_counter() - started
         index = torch.arange(prompt_length - 1 - start, prompt_length - 1 - start + n, device=hidden.device)
         return self._head(hidden[0, index])
-
-    @torch.inference_mode()
-    def generate(self, image, chat: str, prefix_chars: int | None, max_new_tokens: int, eos_ids: list[int],
-                 stop: str | None = None) -> list[int]:
-        return self._generate(self._prompt(image, chat, prefix_chars, []), max_new_tokens, eos_ids, stop)
 
     def _generate(self, prompt: _Prompt, max_new_tokens: int, eos_ids: list[int], stop: str | None) -> list[int]:
         cache = self._state(prompt)
@@ -168,45 +152,49 @@ class CachedForward:
         self.seconds["decode"] += time.perf_counter() - started
         return generated
 
-    def _groups(self, prompts: list[_Prompt]) -> list[list[int]]:
-        """Indices of prompts that share a cached prefix (same image and label), in first-seen order;
-        a prompt without a usable prefix is a group of its own."""
-        groups: OrderedDict[str, list[int]] = OrderedDict()
-        for index, prompt in enumerate(prompts):
-            groups.setdefault(prompt.key if prompt.prefix else f"alone:{index}", []).append(index)
-        return list(groups.values())
+    @torch.inference_mode()
+    def generate_many(self, prepared: list, max_new_tokens: int, eos_ids: list[int], stop: str | None = None) -> list:
+        """Greedy outputs for several prompts; prompts that share image and head decode together in one
+        batch: a decode step costs about the same for 1 row as for 5 on a CPU, where reading the weights
+        dominates. A group that fails runs again one prompt at a time, failures in place."""
+        from dfj.runtime.base import each, groups_by_head
+
+        outputs: list = [None] * len(prepared)
+        for indices in groups_by_head(prepared):
+            try:
+                built = [self._prompt(prepared[i], []) for i in indices]
+                results = (self._generate_group(built, max_new_tokens, eos_ids, stop) if len(built) > 1
+                           else [self._generate(built[0], max_new_tokens, eos_ids, stop)])
+            except Exception:  # e.g. out of memory for the batch, or one bad prompt
+                results = each([prepared[i] for i in indices],
+                               lambda p: self._generate(self._prompt(p, []), max_new_tokens, eos_ids, stop))
+            for index, result in zip(indices, results):
+                outputs[index] = result
+        return outputs
 
     @torch.inference_mode()
-    def generate_many(self, items: list[tuple[Any, str, int | None]], max_new_tokens: int, eos_ids: list[int],
-                      stop: str | None = None) -> list[list[int]]:
-        """Greedy outputs for several prompts; prompts that share a cached prefix (same image and label)
-        decode together in one batch: a decode step costs about the same for 1 row as for 5 on a CPU,
-        where reading the weights dominates."""
-        prompts = [self._prompt(image, chat, prefix, []) for image, chat, prefix in items]
-        outputs: list[list[int] | None] = [None] * len(items)
-        for indices in self._groups(prompts):
-            if len(indices) == 1:
-                outputs[indices[0]] = self._generate(prompts[indices[0]], max_new_tokens, eos_ids, stop)
-                continue
-            for index, ids in zip(indices, self._generate_group([prompts[i] for i in indices], max_new_tokens, eos_ids, stop)):
-                outputs[index] = ids
-        return outputs  # type: ignore[return-value]
+    def teacher_forced_many(self, prepared: list, forced: list[list[int]]) -> list:
+        """Logits (n, vocab) predicting each forced id after its prompt; prompts sharing image and head
+        run as one padded batch (the pairs of one image: 10 in DFJ's pairwise test set). A group that
+        fails runs again one prompt at a time, failures in place."""
+        from dfj.runtime.base import each, groups_by_head
 
-    @torch.inference_mode()
-    def teacher_forced_many(self, items: list[tuple[Any, str, list[int], int | None]]) -> list[torch.Tensor]:
-        """`teacher_forced` for several prompts; those sharing a cached prefix run as one padded batch
-        (the pairs of one image: 10 in DFJ's pairwise test set)."""
-        prompts = [self._prompt(image, chat, prefix, list(ids)) for image, chat, ids, prefix in items]
-        outputs: list[torch.Tensor | None] = [None] * len(items)
-        for indices in self._groups(prompts):
-            if len(indices) == 1:
-                outputs[indices[0]] = self._teacher_forced(prompts[indices[0]], len(items[indices[0]][2]))
-                continue
-            hidden, _, _, lengths = self._padded_suffixes([prompts[i] for i in indices])
-            for row, (index, length) in enumerate(zip(indices, lengths)):
-                n = len(items[index][2])
-                outputs[index] = self._head(hidden[row, length - 1 - n:length - 1])
-        return outputs  # type: ignore[return-value]
+        outputs: list = [None] * len(prepared)
+        for indices in groups_by_head(prepared):
+            try:
+                built = [self._prompt(prepared[i], list(forced[i])) for i in indices]
+                if len(built) == 1:
+                    results = [self._teacher_forced(built[0], len(forced[indices[0]]))]
+                else:
+                    hidden, _, _, lengths = self._padded_suffixes(built)
+                    results = [self._head(hidden[row, length - 1 - len(forced[i]):length - 1])
+                               for row, (i, length) in enumerate(zip(indices, lengths))]
+            except Exception:
+                results = each(indices, lambda i: self._teacher_forced(self._prompt(prepared[i], list(forced[i])),
+                                                                       len(forced[i])))
+            for index, result in zip(indices, results):
+                outputs[index] = result
+        return outputs
 
     def _padded_suffixes(self, group: list[_Prompt]):
         """Run the suffixes after the shared prefix of `group` as one right-padded batch on copies of
