@@ -184,3 +184,18 @@ def test_the_pairwise_method_is_named_and_one_call_per_group_with_the_swap_check
     assert all(v.ok and v.swap_consistent is False for v in verdicts)  # always A: position-biased
     with pytest.raises(ValueError, match="pairwise must be one of answer, generate"):
         Judge(runtime, "pairwise", pairwise="fast")
+
+
+def test_scores_select_the_same_from_a_tensor_and_an_array():
+    """Runtimes hand `Scores.from_logprobs` torch tensors (torch, ONNX) or arrays (llama.cpp, no torch)."""
+    import torch
+
+    from dfj.runtime.base import Scoring
+
+    rows = torch.log_softmax(torch.randn(4, 300, generator=torch.Generator().manual_seed(0)), -1)
+    scoring = Scoring((1, 2, 3, 4), tokens=(7, 0, 299), top_k=5, full=True)
+    a, b = Scores.from_logprobs(rows, scoring), Scores.from_logprobs(rows.numpy(), scoring)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.top_ids, b.top_ids) and np.array_equal(a.rows, b.rows)
+    assert (a.top_ids[:, 0] == rows.argmax(-1).numpy()).all() and np.array_equal(a.tokens[:, 2], rows[:, 299].numpy())
+    lean = Scores.from_logprobs(rows.numpy(), Scoring((1,), tokens=(3,)))
+    assert lean.rows is None and lean.top_ids.shape == (4, 0)

@@ -77,17 +77,27 @@ class Scores:
 
     @classmethod
     def from_logprobs(cls, logprobs: Any, scoring: Scoring) -> "Scores":
-        """Select from a (n, vocab) log-probability matrix (torch tensor or array): only what was asked
-        for leaves the runtime's own memory."""
-        import torch
+        """Select from a (n, vocab) log-probability matrix (a torch tensor, selected where it lives, or an
+        array): only what was asked for is copied out; whole rows only when `scoring.full`."""
+        if hasattr(logprobs, "detach"):  # torch: select on the device, copy the selection
+            import torch
 
-        rows = torch.as_tensor(logprobs)
-        tokens = rows[:, list(scoring.tokens)] if scoring.tokens else rows[:, :0]
-        top = torch.topk(rows, scoring.top_k, dim=-1) if scoring.top_k else None
-        return cls(tokens=tokens.float().cpu().numpy(),
-                   top_ids=(top.indices if top is not None else torch.zeros((rows.shape[0], 0), dtype=torch.long)).cpu().numpy(),
-                   top_logprobs=(top.values if top is not None else rows[:, :0]).float().cpu().numpy(),
-                   rows=rows.float().cpu().numpy() if scoring.full else None)
+            top = torch.topk(logprobs, scoring.top_k, dim=-1) if scoring.top_k else None
+            picked = logprobs[:, list(scoring.tokens)] if scoring.tokens else logprobs[:, :0]
+            to_numpy = lambda t: t.detach().cpu().numpy()  # noqa: E731
+            return cls(tokens=to_numpy(picked.float()),
+                       top_ids=to_numpy(top.indices) if top is not None else np.zeros((len(logprobs), 0), dtype=np.int64),
+                       top_logprobs=to_numpy(top.values.float()) if top is not None else np.zeros((len(logprobs), 0), np.float32),
+                       rows=to_numpy(logprobs.float()) if scoring.full else None)
+        rows = np.asarray(logprobs, dtype=np.float32)
+        if scoring.top_k:
+            part = np.argpartition(-rows, scoring.top_k - 1, axis=-1)[:, : scoring.top_k]
+            order = np.argsort(-np.take_along_axis(rows, part, axis=-1), axis=-1, kind="stable")
+            top_ids = np.take_along_axis(part, order, axis=-1).astype(np.int64)
+        else:
+            top_ids = np.zeros((len(rows), 0), dtype=np.int64)
+        return cls(tokens=rows[:, list(scoring.tokens)], top_ids=top_ids,
+                   top_logprobs=np.take_along_axis(rows, top_ids, axis=-1), rows=rows if scoring.full else None)
 
 
 Result = Any  # list[int] (generate) or Scores (score), or the Exception that item raised
