@@ -317,7 +317,9 @@ class ChatEncoder:
                 "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
 
     def encode(self, image, chat: str) -> dict[str, Any]:
-        """Every processor output for (image, chat), the prompt's ids spliced in as plain text."""
+        """Every processor output for (image, chat text), the prompt's ids spliced in as plain text: the
+        processor's own way, kept as the reference that the prepared-ids path (`encode_ids`, what the
+        runtimes run) is tested against."""
         import torch
 
         from dfj.prompts import split_chat
