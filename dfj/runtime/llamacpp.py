@@ -17,7 +17,6 @@ advances every unfinished sequence in each step. Image embeddings are cached by 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import time
 import unicodedata
@@ -29,7 +28,6 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from dfj import prompts
 from dfj.images import PixelLimits, fit_to_grid
 from dfj.runtime.base import Prompt, Runtime, Scores, Scoring, image_block
 
