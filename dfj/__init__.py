@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 # torch warns about each one on every model load: noise for a user, nothing to act on.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-__version__ = "0.1.0"
+from dfj.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from dfj.judge import load_judge

@@ -32,17 +32,13 @@ DEMO_ARTIFACTS: tuple[tuple[str, str, dict, bool, str | None], ...] = (
 )
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("DFJ_CACHE") or Path.home() / ".cache" / "dfj")
-
-
 def run_demo(cache: Path | None = None, records: int = 40) -> bool:
     from dfj.bench.report import print_report
     from dfj.bench.run import BenchJudge, default_runtime, run_bench
     from dfj.export import export
     from dfj.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify
     from dfj.quant import quantize
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import default_cache, trained_tiny_judge, trained_tiny_split
 
     if cache is not None:
         os.environ["DFJ_CACHE"] = str(cache)

@@ -41,7 +41,7 @@ class Manifest:
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        from dfj import __version__
+        from dfj.version import __version__
         from dfj.prompts import check_mode
 
         check_mode(self.mode)

@@ -36,11 +36,23 @@ case "$LLAMA_CPU" in
         exit 1 ;;
 esac
 mkdir -p "$LLAMA_WHEELS"
+# The source package is kept too: its llama.cpp converter (convert_hf_to_gguf.py) is what the tests
+# check dfj's GGUF export against.
+LLAMA_SDIST=$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz
+if [ ! -f "$LLAMA_SDIST" ]; then
+    echo "dfj: fetching the llama-cpp-python $LLAMA_CPP_VERSION source package (once)"
+    if ! .venv/bin/python -m pip download --disable-pip-version-check --no-cache-dir --no-deps --no-binary :all: \
+        "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$WHEELS" > .venv/llama-download.log 2>&1; then
+        tail -20 .venv/llama-download.log
+        echo "dfj: llama-cpp-python download failed (full log: .venv/llama-download.log)" >&2
+        exit 1
+    fi
+fi
 if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; then
     echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_CPU CPU build, about 5 minutes on 2 cores, once)"
     if ! CMAKE_ARGS="$LLAMA_CMAKE" \
-        .venv/bin/python -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$LLAMA_WHEELS" > .venv/llama-build.log 2>&1; then
+        .venv/bin/python -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps \
+        "$LLAMA_SDIST" -w "$LLAMA_WHEELS" > .venv/llama-build.log 2>&1; then
         tail -40 .venv/llama-build.log
         echo "dfj: llama-cpp-python build failed (full log: .venv/llama-build.log)" >&2
         exit 1

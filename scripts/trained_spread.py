@@ -1,6 +1,6 @@
 """Measure how far the trained tiny judges' quality moves between builds (issue 23).
 
-Each build is the whole recipe (`dfj.training.build_trained_judges`: base, both LoRA judges, the
+Each build is the whole recipe (`dfj.tiny.training.build_trained_judges`: base, both LoRA judges, the
 evaluation with and without the image) in a fresh process, under one seed and one setting of the CPU
 kernels. Forcing PyTorch, oneDNN and MKL onto narrower instruction sets on this machine stands in for
 other processors: the accumulation order and rounding of the matrix products change, and training
@@ -30,7 +30,7 @@ KERNELS = {
     # AVX-512 without AMX: bf16 products on AVX512_BF16 (as on AMD EPYC Zen 4 machines).
     "avx512-noamx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
     # An AVX2 machine: ATen's vector kernels, oneDNN and MKL all limited to AVX2 (no native bf16, so
-    # the judge phase's head runs in fp32: `dfj.training.head_dtype`).
+    # the judge phase's head runs in fp32: `dfj.tiny.training.head_dtype`).
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     # ATen's scalar kernels (and the compiled loss without vector code); the matrix products unchanged.
     "default": {"ATEN_CPU_CAPABILITY": "default"},
@@ -38,7 +38,7 @@ KERNELS = {
 
 BUILD = """
 import sys, time
-from dfj.testing import trained_tiny_root
+from dfj.tiny import trained_tiny_root
 started = time.perf_counter()
 root = trained_tiny_root(seed=int(sys.argv[1]))
 print(f"built {root} in {time.perf_counter() - started:.0f} s")

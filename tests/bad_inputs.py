@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dfj.synthetic import Scene, detector_response, render_image
+from dfj.tiny.synthetic import Scene, detector_response, render_image
 
 # The judged records carry an image and a response from the trained judges' own domain (a synthetic
 # scene with a colour blotch, and the detector's level-5 wording for it): how well a judge reads

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Lazily built tiny judges: tiny('pointwise', adapter=True, adapter_layout='legacy') -> folder."""
-    from dfj.testing import build_tiny_judge
+    from dfj.tiny import build_tiny_judge
 
     root = tmp_path_factory.mktemp("tiny")
     built: dict[tuple, Path] = {}
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_split(tmp_path_factory):
-    from dfj.testing import build_tiny_dataset
+    from dfj.tiny import build_tiny_dataset
 
     root = tmp_path_factory.mktemp("splits")
     built: dict[tuple, Path] = {}

@@ -33,7 +33,7 @@ finally:
 
 @pytest.fixture(scope="module")
 def corpus_run(module_dir):
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     judge = trained_tiny_judge("pointwise")
     folder = module_dir("corpus")

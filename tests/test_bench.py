@@ -26,7 +26,7 @@ PARITY_KEYS = {"tokens", "kld_mean", "kld_p99", "kld_max", "rms_delta_p", "top1_
 @pytest.fixture(scope="module")
 def setup(module_dir):
     from dfj.export import merge
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     root = module_dir("bench")
     reference = trained_tiny_judge("pairwise")

@@ -71,7 +71,7 @@ def test_judge_data_takes_the_pairwise_method_and_swap_check(tmp_path):
     """`--pairwise answer|generate` and `--swap-check` reach the batch path; mode-specific flags are refused
     on the other mode."""
     from batch_parity import shuffled_split
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     data, bad = shuffled_split(trained_tiny_split("pairwise", "test"), tmp_path / "split", 8)
     judge = str(trained_tiny_judge("pairwise"))

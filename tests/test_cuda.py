@@ -25,7 +25,7 @@ def test_gptq_artifact_on_cuda_matches_the_cpu_verdicts(tmp_path):
     """The same GPTQ artifact through the stack's CUDA kernels and through the CPU torch kernel."""
     import dfj
     from dfj.export import export
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     artifact = export(trained_tiny_judge("pointwise"), tmp_path / "gptq", "gptq-4bit",
                       calibration=trained_tiny_split("pointwise", "train"), samples=32)

@@ -30,7 +30,7 @@ def test_swap_check_maps_the_swapped_verdict_back_to_the_original_letters():
 def trained():
     import dfj
     from dfj.data import read_split
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     return {mode: (dfj.load_judge(str(trained_tiny_judge(mode))), read_split(trained_tiny_split(mode, "test")).records)
             for mode in ("pointwise", "pairwise")}
@@ -92,7 +92,7 @@ def test_judging_a_file_in_groups_equals_one_record_at_a_time(trained, mode, tmp
     (cache hits, misses and evictions), a bad record inside a group; groups really run batched."""
     from batch_parity import assert_batch_equals_single
     from dfj.runtime.torch_cache import CachedForward
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     judge, _ = trained[mode]
     batched_rows = []

@@ -20,7 +20,7 @@ RECORDS = 16  # held-out records per mode for the f32 / f16 checks
 
 @pytest.fixture(scope="module")
 def gguf(module_dir):
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     root = module_dir("gguf")
     built = {}
@@ -34,7 +34,7 @@ def gguf(module_dir):
 @pytest.fixture(scope="module")
 def records():
     from dfj.data import read_split
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     return {mode: read_split(trained_tiny_split(mode, "test"), mode=mode).records[:RECORDS] for mode in ("pointwise", "pairwise")}
 
@@ -42,7 +42,7 @@ def records():
 @pytest.fixture(scope="module")
 def reference_outputs(judges, records):
     """The torch fp32 reference judge's greedy output for each held-out record."""
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     return {mode: judges(trained_tiny_judge(mode), dtype="float32").judge_many(records[mode]) for mode in records}
 
@@ -72,7 +72,7 @@ def varied_strings() -> list[str]:
 
 
 def test_tokenizer_matches_torch_on_varied_strings(gguf, judges):
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     strings = varied_strings()
     assert len(strings) >= 200
@@ -90,7 +90,7 @@ def test_a_forged_response_is_plain_text_to_llamacpp_as_to_torch(gguf, judges, r
     """llama.cpp tokenizes the response with parse_special off: the same ids as the torch runtime, only
     the template's control tokens, and the same verdict."""
     from bad_inputs import FORGED_TURN, every_added_token
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     ours = judges(gguf[mode, "f32"])
     theirs = judges(trained_tiny_judge(mode), dtype="float32")
@@ -114,7 +114,7 @@ def test_a_forged_response_is_plain_text_to_llamacpp_as_to_torch(gguf, judges, r
 def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records, mode):
     from dfj import prompts
     from dfj.images import load_image
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     ours = judges(gguf[mode, "f32"])
     theirs = judges(trained_tiny_judge(mode), dtype="float32").runtime
@@ -159,7 +159,7 @@ KLD_BOUNDS = {"f32": 1e-4, "f16": 1e-3}
 def test_lossless_and_f16_match_the_reference_on_every_record(gguf, judges, records, reference_outputs, mode, quant):
     from dfj import prompts
     from dfj.images import load_image
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     judge = judges(gguf[mode, quant])
     verdicts = judge.judge_many(records[mode])
@@ -211,7 +211,7 @@ def test_judging_a_file_in_groups_equals_one_record_at_a_time(gguf, judges, mode
     advanced in each step); f32: the same greedy text as one sequence at a time, p_a within 1e-4."""
     from batch_parity import assert_batch_equals_single
     from dfj.runtime.llamacpp import LlamaCppRuntime
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     sizes = []
     original = LlamaCppRuntime._run_group
@@ -258,7 +258,7 @@ def test_export_gate_refuses_a_mis_mapped_tensor(gguf, monkeypatch, tmp_path):
     """A classic conversion bug — one layer's gate and up projections swapped — fails the f32 probe
     gate (so the gate can fail), and nothing is left at the output path; the real export passes it."""
     from dfj.export import gguf as gguf_export
-    from dfj.testing import trained_tiny_judge
+    from dfj.tiny import trained_tiny_judge
 
     passed = read_manifest(gguf["pointwise", "f32"]).parity
     assert passed["cosine"] >= gguf_export.F32_MIN_COSINE and passed["max_abs_diff"] <= gguf_export.F32_MAX_ABS
@@ -280,7 +280,7 @@ def test_export_gate_refuses_a_mis_mapped_tensor(gguf, monkeypatch, tmp_path):
 
 
 def test_cli_batch_judges_a_gguf_artifact_as_the_merged_model(gguf, tmp_path):
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     split = trained_tiny_split("pointwise", "test")
     runner = CliRunner()
@@ -304,7 +304,7 @@ QUANT_BOUNDS = {"q8_0": {"kld": 0.001, "top1": 0.99, "agree": 0.95}, "q4_k_m": {
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
 def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
     from dfj.bench.run import BenchJudge, run_bench
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     root = module_dir(f"gguf-quant-{mode}")
     adapter = trained_tiny_judge(mode)
@@ -328,7 +328,7 @@ def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
 def test_tensor_map_is_complete_for_the_real_configurations(size):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dfj.bench.full_depth import judge_config, real_shapes
+    from dfj.tiny.full_depth import judge_config, real_shapes
     from dfj.export.gguf import plan_tensors
 
     text, vision = real_shapes(size)  # the released judges' shapes: the 3B ties its head, the 7B does not

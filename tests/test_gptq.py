@@ -26,7 +26,7 @@ MIN_TOP1 = 0.95
 
 @pytest.fixture(scope="module")
 def gptq(module_dir):
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     root = module_dir("gptq")
     built = {"cwd": root / "cwd"}
@@ -95,7 +95,7 @@ def test_every_language_linear_is_packed_and_the_vision_tower_is_dense(gptq):
 
 def test_score_and_compare_run_on_cpu(gptq):
     from dfj.data import read_split
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     judge = dfj.load_judge(str(gptq["pointwise"]))
     assert judge.runtime.name == "torch"
@@ -128,7 +128,7 @@ def test_logits_stay_close_to_the_fp32_merge_on_held_out_records(gptq):
     from dfj import prompts
     from dfj.data import read_split
     from dfj.images import load_image
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     records = read_split(trained_tiny_split("pointwise", "test")).records[:6]
     runtimes = {k: dfj.load_judge(str(gptq[k])).runtime for k in ("merged", "pointwise")}

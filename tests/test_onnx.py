@@ -54,7 +54,7 @@ def test_a_forged_response_is_plain_text_to_onnx_as_to_torch(onnx_fp32, merged, 
 @pytest.fixture(scope="module")
 def varied_split(module_dir):
     """Ten records on five images of different sizes and aspect ratios, per mode."""
-    from dfj.testing import build_tiny_dataset
+    from dfj.tiny import build_tiny_dataset
 
     root = module_dir("varied")
     return {mode: build_tiny_dataset(root / mode, mode, 10, responses_per_image=2) for mode in ("pointwise", "pairwise")}
@@ -149,7 +149,7 @@ QUANT_BOUNDS = {"int8": {"kld": 0.005, "top1": 0.98, "agree": 0.9}, "int4": {"kl
 
 def test_quantized_graphs_stay_within_stated_bounds(tmp_path):
     from dfj.bench.run import BenchJudge, run_bench
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     adapter = trained_tiny_judge("pointwise")
     artifacts = [BenchJudge(str(export(adapter, tmp_path / q, f"onnx-{q}")), "onnx", label=q) for q in QUANT_BOUNDS]

@@ -122,7 +122,7 @@ SMALL_VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4
 
 
 def test_peak_memory_of_merge_and_gguf_export_does_not_grow_with_depth(module_dir):
-    from dfj.bench.full_depth import build_random_judge
+    from dfj.tiny.full_depth import build_random_judge
 
     root = module_dir("depth")
     peaks: dict[str, dict[int, int]] = {"merge": {}, "gguf": {}}

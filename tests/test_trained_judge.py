@@ -11,14 +11,14 @@ import random
 import pytest
 
 from dfj.data import read_split
-from dfj.synthetic import Scene, detector_response
+from dfj.tiny.synthetic import Scene, detector_response
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def metrics():
-    from dfj.testing import trained_tiny_root
+    from dfj.tiny import trained_tiny_root
 
     return json.loads((trained_tiny_root() / "metrics.json").read_text())
 
@@ -57,9 +57,9 @@ def test_the_judges_grade_what_the_text_decides(metrics):
     """On the records whose gold the words decide (real images; a hedged 4; pairs of levels worded
     differently), both judges should be all but exact: what the training must teach whatever the
     pixels add."""
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
-    from dfj.training import _split_lines
+    from dfj.tiny.training import _split_lines
 
     for mode in ("pointwise", "pairwise"):
         split = trained_tiny_split(mode)
@@ -75,7 +75,7 @@ def test_the_judges_grade_what_the_text_decides(metrics):
 def test_the_needs_image_subset_is_the_records_the_text_cannot_decide():
     """`meta.needs_image` in the synthetic splits: exactly the manipulated-image records whose levels
     read alike (5/3, 2/1, and for pairs a hedged 4 against a 5 or a 3), none on real images."""
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     decided_by_pixels = ({5, 3}, {2, 1}, {5, 4}, {4, 3})
     for mode in ("pointwise", "pairwise"):
@@ -91,13 +91,13 @@ def test_the_needs_image_subset_is_the_records_the_text_cannot_decide():
 def test_metrics_are_reproduced_by_a_fresh_evaluation():
     """The cached numbers are what the judge really does: re-judge part of the test split now."""
     import dfj
-    from dfj.testing import trained_tiny_judge, trained_tiny_split
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     judge = dfj.load_judge(str(trained_tiny_judge("pairwise")))
     records = read_split(trained_tiny_split("pairwise")).records[:40]
     verdicts = judge.compare_many(records)
     accuracy = sum(v.choice == r.gold_choice for v, r in zip(verdicts, records)) / len(records)
-    from dfj.testing import trained_tiny_root
+    from dfj.tiny import trained_tiny_root
 
     cached = json.loads((trained_tiny_root() / "metrics.json").read_text())["pairwise"]["verdicts"]["with_image"]
     agree = sum(v.choice == c for v, c in zip(verdicts, cached)) / len(records)
@@ -107,7 +107,7 @@ def test_metrics_are_reproduced_by_a_fresh_evaluation():
 
 
 def test_splits_are_dfj_layout_and_held_out():
-    from dfj.testing import trained_tiny_split
+    from dfj.tiny import trained_tiny_split
 
     for mode, per_image in (("pointwise", 5), ("pairwise", 10)):
         train, test = read_split(trained_tiny_split(mode, "train")), read_split(trained_tiny_split(mode, "test"))
@@ -135,8 +135,8 @@ def test_training_batches_mark_exactly_the_target_tokens(tmp_path):
     from transformers import AutoProcessor
 
     from dfj import prompts
-    from dfj.testing import write_processor
-    from dfj.training import _batch, _collate, _encode
+    from dfj.tiny import write_processor
+    from dfj.tiny.training import _batch, _collate, _encode
 
     write_processor(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)
@@ -168,7 +168,7 @@ def test_judge_phase_head_loss_is_the_fp32_cross_entropy_within_bf16_rounding():
     must be the fp32 cross-entropy's, to bf16 rounding."""
     import torch
 
-    from dfj.training import _full_head_loss, _head_cross_entropy, head_dtype
+    from dfj.tiny.training import _full_head_loss, _head_cross_entropy, head_dtype
 
     generator = torch.Generator().manual_seed(0)
     head = torch.randn(5000, 256, generator=generator) * 0.1
@@ -191,7 +191,7 @@ def test_judge_phase_head_loss_is_the_fp32_cross_entropy_within_bf16_rounding():
 
 def test_gold_reasoning_says_what_the_response_cites_and_whether_the_image_shows_it():
     from dfj.parse import parse_pointwise
-    from dfj.synthetic import ARTIFACTS, cited_artifact, find_question, gold_pointwise
+    from dfj.tiny.synthetic import ARTIFACTS, cited_artifact, find_question, gold_pointwise
 
     for seed in range(30):
         for artifact in ARTIFACTS:
@@ -219,9 +219,9 @@ def test_the_recipe_is_deterministic_on_one_machine(tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from dfj.hf import peft_without_gptq_probe
-    from dfj.synthetic import build_synthetic_split
-    from dfj.testing import LORA_EXCLUDE, LORA_TARGETS, tiny_config, write_processor
-    from dfj.training import TrainSettings, train_base, train_judge
+    from dfj.tiny.synthetic import build_synthetic_split
+    from dfj.tiny.model import LORA_EXCLUDE, LORA_TARGETS, tiny_config, write_processor
+    from dfj.tiny.training import TrainSettings, train_base, train_judge
 
     settings = TrainSettings(base_steps=3, base_batch=2, train_images=4, judge_batch=2,
                              judge_steps={"pointwise": 2, "pairwise": 2})
@@ -254,7 +254,7 @@ def test_the_head_runs_in_bf16_only_where_the_cpu_multiplies_bf16_natively(monke
     head stays fp32, or the first training on such a machine would take hours."""
     import torch
 
-    from dfj.training import head_dtype
+    from dfj.tiny.training import head_dtype
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
@@ -277,7 +277,7 @@ def test_the_head_loss_is_compiled_only_where_inductor_can_build_it(monkeypatch)
 
     import torch
 
-    from dfj.training import _full_head_loss, _head_cross_entropy
+    from dfj.tiny.training import _full_head_loss, _head_cross_entropy
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert _full_head_loss.__wrapped__() is _head_cross_entropy

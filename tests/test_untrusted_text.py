@@ -17,7 +17,7 @@ IMAGE = Image.new("RGB", (112, 84), (40, 90, 160))
 def processor(tmp_path_factory):
     from transformers import AutoProcessor
 
-    from dfj.testing import write_processor
+    from dfj.tiny import write_processor
 
     folder = tmp_path_factory.mktemp("processor")
     write_processor(folder)

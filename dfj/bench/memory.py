@@ -31,7 +31,7 @@ STAGES = {
     "onnx-fp32": ("merged", "onnx-fp32", "from dfj.export import export; export(IN, OUT, 'onnx-fp32')"),
     # Calibrated on the trained tiny judges' pointwise training split (built once per machine): real
     # DFJ-shaped inputs; the random judge's quality is not the point, the memory of the loop is.
-    "gptq-4bit": ("merged", "gptq-4bit", "from dfj.quant import quantize; from dfj.testing import trained_tiny_split; "
+    "gptq-4bit": ("merged", "gptq-4bit", "from dfj.quant import quantize; from dfj.tiny import trained_tiny_split; "
                   "quantize(IN, OUT, 'gptq-4bit', calibration=trained_tiny_split('pointwise', 'train'), samples=GPTQ_SAMPLES)"),
 }
 GPTQ_SAMPLES = 16
@@ -81,12 +81,12 @@ def measure(code: str, env: dict[str, str] | None = None, interval: float = 0.02
 
 
 def run(work: Path, size: str, text_layers: int | None, vision_depth: int | None, stages: list[str]) -> list[dict]:
-    from dfj.bench.full_depth import real_shapes
+    from dfj.tiny.full_depth import real_shapes
 
     text, vision = real_shapes(size, text_layers, vision_depth)
     rows = []
     if not (work / "judge" / "adapter" / "dfj.json").is_file():
-        build = (f"from dfj.bench.full_depth import build_random_judge; "
+        build = (f"from dfj.tiny.full_depth import build_random_judge; "
                  f"build_random_judge({str(work / 'judge')!r}, {text!r}, {vision!r})")
         measured = measure(build)
         if measured.exit_code:

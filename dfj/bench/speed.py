@@ -27,30 +27,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
-                  vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
-BENCH_VISION = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
 IMAGE_SIZE = (1036, 952)  # ≈ 0.99 MP: resized to just under the 1,003,520-pixel training cap
 
 
 def build_bench_judge(folder: Path, text_layers: int, vision_layers: int, seed: int = 0) -> Path:
+    """A random-weight judge of the released 3B's widths with `text_layers` and `vision_layers` layers."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dfj.testing import write_processor
-    from dfj.tokenizer_assets import IMAGE_PAD_ID, IM_END_ID, ENDOFTEXT_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+    from dfj.tiny import write_processor
+    from dfj.tiny.full_depth import judge_config, real_shapes
 
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config={**BENCH_TEXT, "num_hidden_layers": text_layers, "bos_token_id": ENDOFTEXT_ID, "eos_token_id": IM_END_ID},
-        vision_config={**BENCH_VISION, "depth": vision_layers, "fullatt_block_indexes": [vision_layers - 1]},
-        image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID, vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID, tie_word_embeddings=True,
-    )
+    config = judge_config(*real_shapes("3B", text_layers, vision_layers))
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -60,7 +51,7 @@ def build_bench_judge(folder: Path, text_layers: int, vision_layers: int, seed: 
 
 def bench_split(folder: Path, mode: str, images: int, seed: int = 0) -> Path:
     """A DFJ-shaped split folder: `images` images, 10 pairs or 5 paragraph-long responses on each."""
-    from dfj.synthetic import detector_response, random_scene, render_image
+    from dfj.tiny.synthetic import detector_response, random_scene, render_image
 
     data = folder / "data.jsonl"
     if data.is_file():
@@ -188,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--artifacts", nargs="*", default=[], help="--quant formats to time too (e.g. gguf-q8_0)")
     args = parser.parse_args(argv)
-    from dfj.demo import default_cache
+    from dfj.tiny import default_cache
 
     result = run(args.mode, args.work or default_cache() / "speed", args.text_layers, args.vision_layers, args.new_tokens,
                  args.images, tuple(args.artifacts))

@@ -169,6 +169,7 @@ def _text_metadata(config: dict[str, Any], model_dir: Path, name: str, dtype: st
     tokens, types = _vocabulary(model_dir, text_config["vocab_size"])
 
     def write(writer) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
         writer.add_file_type(LLAMA_FTYPES[dtype])
         writer.add_context_length(text_config["max_position_embeddings"])
@@ -201,8 +202,11 @@ def _text_metadata(config: dict[str, Any], model_dir: Path, name: str, dtype: st
 def _vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[int]]:
     """Token strings and types in id order, padded to the embedding rows as llama.cpp expects.
 
-    Added tokens marked special are CONTROL; added non-special ones (e.g. `<tool_call>`) USER_DEFINED,
-    which llama.cpp matches in plain text as the Hugging Face tokenizer does.
+    Typed as llama.cpp's `convert_hf_to_gguf.py` types them: added tokens marked special, or shaped like
+    control tokens (`_looks_like_control`), are CONTROL; the other added ones (e.g. `<tool_call>`)
+    USER_DEFINED, which llama.cpp matches in plain text as the Hugging Face tokenizer does. Qwen2.5's
+    `<|fim_prefix|>`…`<|file_sep|>` (151659-151664) are added non-special: typed USER_DEFINED, llama.cpp
+    warns about each on every load.
     """
     import gguf
 
@@ -212,7 +216,8 @@ def _vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[int
         raise ValueError(f"{model_dir}: not a byte-level BPE tokenizer (Qwen2.5's): {model.get('type')}")
     by_id: dict[int, tuple[str, int]] = {i: (text, gguf.TokenType.NORMAL) for text, i in model["vocab"].items()}
     for added in tokenizer.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        control = added.get("special") or _looks_like_control(added["content"])
+        kind = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
         by_id[added["id"]] = (added["content"], kind)
     if max(by_id) >= vocab_size:
         raise ValueError(f"tokenizer id {max(by_id)} does not fit the {vocab_size} embedding rows")
@@ -222,6 +227,12 @@ def _vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[int
         tokens.append(text.encode("utf-8"))
         types.append(int(kind))
     return tokens, types
+
+
+def _looks_like_control(text: str) -> bool:
+    """llama.cpp's rule for added tokens that ought to be control tokens though not marked special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>")) or (text.startswith("<unused") and text.endswith(">")))
 
 
 def _normalizer(model_dir: Path) -> str | None:
@@ -245,7 +256,7 @@ def _chat_template(model_dir: Path) -> str | None:
     return None
 
 
-def _vision_metadata(config: dict[str, Any], model_dir: Path, name: str, limits: PixelLimits, dtype: str) -> Callable[[Any], None]:
+def _vision_metadata(config: dict[str, Any], model_dir: Path, name: str, dtype: str) -> Callable[[Any], None]:
     import gguf
 
     vision = config["vision_config"]
@@ -253,11 +264,18 @@ def _vision_metadata(config: dict[str, Any], model_dir: Path, name: str, limits:
     period = full[0] + 1 if full else 0
     if full and full != list(range(period - 1, vision["depth"], period)):
         raise ValueError(f"full-attention blocks {full} are not periodic; llama.cpp's n_wa_pattern cannot express them")
+    # What llama.cpp's converter writes for Qwen2.5-VL, no more: clip.cpp fixes the merge (2) and the
+    # attention window (112 pixels) for this projector and reads no pixel limits from the file (the
+    # runtime passes the judge's limits, from dfj.json, as image token bounds).
+    for key, fixed in (("spatial_merge_size", 2), ("window_size", 112)):
+        if vision.get(key, fixed) != fixed:
+            raise ValueError(f"vision {key} {vision[key]}: llama.cpp's Qwen2.5-VL projector fixes it at {fixed}")
     processor = _processor_config(model_dir)
     if vision.get("hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh"):
         raise ValueError(f"vision activation {vision.get('hidden_act')!r} has no llama.cpp equivalent")
 
     def write(writer) -> None:
+        writer.add_type(gguf.GGUFType.MMPROJ)
         writer.add_name(name + " (vision)")
         writer.add_file_type(LLAMA_FTYPES[dtype])
         writer.add_clip_has_vision_encoder(True)
@@ -270,13 +288,9 @@ def _vision_metadata(config: dict[str, Any], model_dir: Path, name: str, limits:
         writer.add_vision_head_count(vision["num_heads"])
         writer.add_vision_projection_dim(vision["out_hidden_size"])
         writer.add_vision_attention_layernorm_eps(1e-6)  # Qwen2.5-VL's RMSNorm eps (not in its config)
-        writer.add_vision_spatial_merge_size(vision["spatial_merge_size"])
         writer.add_vision_image_mean(list(processor["image_mean"]))
         writer.add_vision_image_std(list(processor["image_std"]))
-        writer.add_vision_min_pixels(limits.min_pixels)
-        writer.add_vision_max_pixels(limits.max_pixels)
         writer.add_vision_n_wa_pattern(period)
-        writer.add_vision_window_size(vision.get("window_size", 112))
         writer.add_bool(gguf.Keys.ClipVision.USE_SILU if vision.get("hidden_act", "silu") == "silu" else gguf.Keys.ClipVision.USE_GELU, True)
 
     return write
@@ -293,7 +307,7 @@ def _processor_config(model_dir: Path) -> dict[str, Any]:
     raise ValueError(f"{model_dir}: no image processor config with image_mean/image_std")
 
 
-def write_gguf(model_dir: Path, folder: Path, *, quant: str, limits: PixelLimits, name: str,
+def write_gguf(model_dir: Path, folder: Path, *, quant: str, name: str,
                mmproj_dtype: str | None = None) -> dict[str, Any]:
     """Write `model.gguf` (quantized as asked) and `mmproj.gguf` from a merged checkpoint folder."""
     if quant not in QUANTS:
@@ -306,7 +320,7 @@ def write_gguf(model_dir: Path, folder: Path, *, quant: str, limits: PixelLimits
     shapes, read = _reader(model_dir)
     text, vision = plan_tensors(shapes, config)
     _write(folder / TEXT_FILE, "qwen2vl", _text_metadata(config, model_dir, name, quant), text, read, quant)
-    _write(folder / MMPROJ_FILE, "clip", _vision_metadata(config, model_dir, name, limits, mmproj_dtype), vision, read,
+    _write(folder / MMPROJ_FILE, "clip", _vision_metadata(config, model_dir, name, mmproj_dtype), vision, read,
            mmproj_dtype)
     return {"quant": quant, "mmproj_dtype": mmproj_dtype, "normalizer": normalizer, "text_tensors": len(text), "vision_tensors": len(vision),
             "bytes": {TEXT_FILE: (folder / TEXT_FILE).stat().st_size, MMPROJ_FILE: (folder / MMPROJ_FILE).stat().st_size},
@@ -336,7 +350,7 @@ def export_gguf(
     ready = contextlib.nullcontext(resolved.path) if resolved.kind == "model" else merged_scratch(source, out, mode=mode, limits=limits, probe_memory=probe_memory)
     with ready as merged:
         with staged_folder(out, overwrite=overwrite) as work:
-            info = write_gguf(merged, work, quant=quant, limits=limits, name=resolved.name, mmproj_dtype=mmproj_dtype)
+            info = write_gguf(merged, work, quant=quant, name=resolved.name, mmproj_dtype=mmproj_dtype)
             exact = quant == "f32" and info["mmproj_dtype"] == "f32"
             # The f32 gate needs an fp32 reference; an f16 file is measured against the checkpoint as
             # saved (a bf16 judge streamed as bf16, not copied to disk at twice its size as fp32).

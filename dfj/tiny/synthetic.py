@@ -22,6 +22,7 @@ each). The pairwise template allows only the letter.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ ARTIFACTS = ("colour", "texture", "seam")
 REGIONS = ("upper left", "upper right", "lower left", "lower right")
 IMAGE_SIZE = 112  # 8 x 8 patches -> 16 image tokens after the 2 x 2 merge
 
-_ARTIFACT_WORDS = {
+ARTIFACT_WORDS = {
     "colour": ["an oversaturated colour blotch", "a colour inconsistency", "an unnatural colour patch"],
     "texture": ["a noisy checkerboard texture", "a texture artifact", "a repeated high-frequency texture"],
     "seam": ["a striped blending seam", "a visible blending seam", "stripe-like splicing marks"],
@@ -105,14 +106,14 @@ def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
             why = f"{where.capitalize()} might be generated; something feels slightly off, but I am not sure."
         else:
             art = rng.choice(ARTIFACTS)
-            why = f"There is {rng.choice(_ARTIFACT_WORDS[art])} in the {rng.choice(REGIONS)} of {where}, a clear sign of generation."
+            why = f"There is {rng.choice(ARTIFACT_WORDS[art])} in the {rng.choice(REGIONS)} of {where}, a clear sign of generation."
         answer = "real" if level >= 3 else "fake"
         return f"<reasoning>{why}</reasoning> <answer>{answer}</answer>"
     art, region = scene.artifact, scene.region
     # Levels 5 and 3 share their wording, as do 2 and 1: only whether the cited artifact type matches
     # the image differs. Level 4 is level 5 said with hedges (a small slip, visible in the text).
-    phrase = rng.choice(_ARTIFACT_WORDS[art])
-    wrong_phrase = rng.choice(_ARTIFACT_WORDS[_other(rng, ARTIFACTS, art)])
+    phrase = rng.choice(ARTIFACT_WORDS[art])
+    wrong_phrase = rng.choice(ARTIFACT_WORDS[_other(rng, ARTIFACTS, art)])
     opener = rng.choice(["There is", "I notice", "I see"])
     if level == 5:
         why = f"{opener} {phrase} in the {region} of {where}, which indicates manipulation."
@@ -130,7 +131,7 @@ def detector_response(rng: random.Random, scene: Scene, level: int) -> str:
 
 def cited_artifact(response: str) -> str | None:
     """The artifact type a detector response (from `detector_response`) cites, or None."""
-    for artifact, phrases in _ARTIFACT_WORDS.items():
+    for artifact, phrases in ARTIFACT_WORDS.items():
         if any(phrase in response for phrase in phrases):
             return artifact
     return None
@@ -147,7 +148,7 @@ _GOLD_REASONS = {
 
 
 def find_question(artifact: str) -> str:
-    """The grounding question the trained base answers "Yes." or "No." (dfj.training)."""
+    """The grounding question the trained base answers "Yes." or "No." (dfj.tiny.training)."""
     return f"Is there a {artifact} artifact in the image?"
 
 
@@ -222,3 +223,21 @@ def build_synthetic_split(path: str | Path, mode: str, images: int, per_image: i
             }))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny DFJ-format splits
+
+TINY_SPLIT_SIZES = [(112, 112), (140, 84), (84, 168), (196, 112), (56, 56)]  # varied sizes and aspects
+
+
+def build_tiny_dataset(path: str | os.PathLike, mode: str, n: int, seed: int = 0,
+                       responses_per_image: int | None = None) -> Path:
+    """Write a DFJ-layout split (`images/` + `data.jsonl` of ms-swift messages records) with n records.
+
+    Records share images as the DFJ test sets do (5 responses per image pointwise, 10 pairs per
+    image pairwise, by default); image sizes and aspect ratios vary. Content: `build_synthetic_split`.
+    """
+    per_image = responses_per_image or (5 if mode == "pointwise" else 10)
+    return build_synthetic_split(path, mode, images=-(-n // per_image), per_image=per_image, seed=seed,
+                                 sizes=TINY_SPLIT_SIZES, limit=n)

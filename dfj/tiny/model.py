@@ -1,4 +1,4 @@
-"""Tiny DFJ judges and DFJ-format splits, built locally and deterministically (no hub, no download).
+"""Tiny DFJ judges, built locally and deterministically (no hub, no download).
 
 The judges have the real Qwen2.5-VL architecture and the real Qwen2.5 tokenizer, with small widths:
 text hidden size 256 (K-quant rows need multiples of 256) and a 4-layer vision tower with window
@@ -14,7 +14,7 @@ from pathlib import Path
 from dfj import prompts
 from dfj.images import MAX_PIXELS, MIN_PIXELS
 from dfj.manifest import Manifest, write_manifest
-from dfj.tokenizer_assets import (
+from dfj.tiny.tokenizer import (
     ENDOFTEXT_ID,
     IM_END_ID,
     IMAGE_PAD_ID,
@@ -93,7 +93,25 @@ def write_processor(folder: Path, min_pixels: int = MIN_PIXELS, max_pixels: int 
     processor.save_pretrained(folder)
 
 
-def _generation_config():
+def lora_config(rank: int):
+    """The judges' LoRA: the language model's linear layers, alpha = 2r as the DFJ recipe (r 32, alpha 64)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, exclude_modules=LORA_EXCLUDE,
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def with_lora(model, rank: int):
+    """`model` wrapped in a fresh peft LoRA (`lora_config`); draws from torch's global generator."""
+    from peft import get_peft_model
+
+    from dfj.hf import peft_without_gptq_probe
+
+    with peft_without_gptq_probe():
+        return get_peft_model(model, lora_config(rank))
+
+
+def generation_config():
     from transformers import GenerationConfig
 
     # The Qwen2.5-VL-Instruct release's sampling defaults: the runtimes must override them for greedy.
@@ -139,12 +157,12 @@ def build_tiny_judge(
     model_dir = root / "base" if adapter else root
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tied)).to(torch.float32).eval()
-    model.generation_config = _generation_config()
+    model.generation_config = generation_config()
     model.save_pretrained(model_dir)
     write_processor(model_dir)
     write_manifest(
         model_dir,
-        Manifest.for_judge(mode, "safetensors", {"kind": "dfj.testing.build_tiny_judge", "seed": seed, "tied": tied}),
+        Manifest.for_judge(mode, "safetensors", {"kind": "dfj.tiny.build_tiny_judge", "seed": seed, "tied": tied}),
     )
     if not adapter:
         return model_dir
@@ -153,21 +171,9 @@ def build_tiny_judge(
 
 def _write_adapter(model, base_dir: Path, out: Path, mode: str, seed: int, layout: str, rank: int, scale: float) -> Path:
     import torch
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
-    from dfj.hf import peft_without_gptq_probe
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,  # alpha = 2r, as the DFJ recipe (r 32, alpha 64)
-        target_modules=LORA_TARGETS,
-        exclude_modules=LORA_EXCLUDE,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    with peft_without_gptq_probe():
-        peft_model = get_peft_model(model, config)
+    peft_model = with_lora(model, rank)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -186,60 +192,6 @@ def _write_adapter(model, base_dir: Path, out: Path, mode: str, seed: int, layou
     peft_model.unload()
     write_manifest(
         out,
-        Manifest.for_judge(mode, "adapter", {"kind": "dfj.testing.build_tiny_judge", "seed": seed, "layout": layout}),
+        Manifest.for_judge(mode, "adapter", {"kind": "dfj.tiny.build_tiny_judge", "seed": seed, "layout": layout}),
     )
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny DFJ-format splits
-
-TINY_SPLIT_SIZES = [(112, 112), (140, 84), (84, 168), (196, 112), (56, 56)]  # varied sizes and aspects
-
-
-def build_tiny_dataset(path: str | os.PathLike, mode: str, n: int, seed: int = 0,
-                       responses_per_image: int | None = None) -> Path:
-    """Write a DFJ-layout split (`images/` + `data.jsonl` of ms-swift messages records) with n records.
-
-    Records share images as the DFJ test sets do (5 responses per image pointwise, 10 pairs per
-    image pairwise, by default); image sizes and aspect ratios vary. Content: `dfj.synthetic`.
-    """
-    from dfj.synthetic import build_synthetic_split
-
-    per_image = responses_per_image or (5 if mode == "pointwise" else 10)
-    return build_synthetic_split(path, mode, images=-(-n // per_image), per_image=per_image, seed=seed,
-                                 sizes=TINY_SPLIT_SIZES, limit=n)
-
-
-# ----------------------------------------------------------------------------------------------
-# Trained tiny judges (dfj.training): built once per machine, then reused from the cache.
-
-def trained_tiny_root(seed: int = 0) -> Path:
-    """Build the trained tiny judges on first use (under a lock) and return their folder."""
-    import fcntl
-
-    from dfj.demo import default_cache
-    from dfj.training import TRAINED_VERSION, TrainSettings, build_trained_judges
-
-    root = default_cache() / f"trained-v{TRAINED_VERSION}-seed{seed}"
-    if (root / "metrics.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build
-        if not (root / "metrics.json").is_file():
-            print(f"dfj: training the tiny DFJ judges into {root} (once per machine: about 15 minutes on 2 cores with AMX, longer on CPUs without native bf16)")
-            build_trained_judges(root, TrainSettings(seed=seed))
-    return root
-
-
-def trained_tiny_judge(mode: str, seed: int = 0) -> Path:
-    """The trained tiny LoRA judge for `mode` (an adapter folder naming its base)."""
-    return trained_tiny_root(seed) / f"{prompts.check_mode(mode)}-adapter"
-
-
-def trained_tiny_split(mode: str, split: str = "test", seed: int = 0) -> Path:
-    """The synthetic DFJ split the trained judges were trained ('train') or evaluated ('test') on."""
-    if split not in ("train", "test"):
-        raise ValueError("split is 'train' or 'test'")
-    return trained_tiny_root(seed) / "splits" / prompts.check_mode(mode) / split

@@ -24,7 +24,6 @@ REAL_TEXT: dict[str, dict[str, Any]] = {
 REAL_VISION: dict[str, Any] = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                    fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14,
                                    spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, hidden_act="silu")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_RANK, LORA_ALPHA = 32, 64  # the DFJ recipe's
 
 
@@ -32,7 +31,7 @@ def judge_config(text: dict[str, Any], vision: dict[str, Any]):
     """A Qwen2.5-VL config from text and vision shapes (the rest as the released checkpoints)."""
     from transformers import Qwen2_5_VLConfig
 
-    from dfj.tokenizer_assets import ENDOFTEXT_ID, IM_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+    from dfj.tiny.tokenizer import ENDOFTEXT_ID, IM_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 
     text = dict(text)
     tied = text.pop("tie_word_embeddings", False)
@@ -70,7 +69,7 @@ def build_random_judge(root: str | os.PathLike, text: dict[str, Any], vision: di
     from dfj import hf
     from dfj.export.checkpoint import PlannedTensor, torch_dtype_code, write_shards
     from dfj.manifest import Manifest, write_manifest
-    from dfj.testing import write_processor
+    from dfj.tiny.model import LORA_EXCLUDE, LORA_TARGETS, write_processor
 
     root = Path(root)
     base, adapter = root / "base", root / "adapter"
@@ -112,8 +111,8 @@ def build_random_judge(root: str | os.PathLike, text: dict[str, Any], vision: di
     (adapter / hf.ADAPTER_CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.resolve()),
         "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "target_modules": list(LORA_TARGETS), "exclude_modules": r".*visual.*", "rank_pattern": {}, "alpha_pattern": {},
+        "target_modules": list(LORA_TARGETS), "exclude_modules": LORA_EXCLUDE, "rank_pattern": {}, "alpha_pattern": {},
         "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False, "inference_mode": True}, indent=2) + "\n")
-    write_manifest(adapter, Manifest.for_judge(mode, "adapter", {"kind": "dfj.bench.full_depth", "seed": seed,
+    write_manifest(adapter, Manifest.for_judge(mode, "adapter", {"kind": "dfj.tiny.full_depth", "seed": seed,
                                                                  "text": text, "vision": vision, "dtype": dtype}))
     return adapter

@@ -26,7 +26,7 @@ from dfj import prompts
 from dfj.data import read_split
 from dfj.images import load_image
 from dfj.parse import parse_pairwise
-from dfj.synthetic import _ARTIFACT_WORDS, ARTIFACTS, cited_artifact, detector_response, find_question, random_scene, render_image
+from dfj.tiny.synthetic import ARTIFACT_WORDS, ARTIFACTS, cited_artifact, detector_response, find_question, random_scene, render_image
 
 Log = Callable[[str], None]
 
@@ -185,7 +185,7 @@ def _base_example(rng: random.Random, task: str):
         if scene.artifact is None:
             answer = rng.choice(["No artifact: lighting and textures are consistent.", "The image is clean; no artifact is visible."])
         else:
-            answer = f"There is {rng.choice(_ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
+            answer = f"There is {rng.choice(ARTIFACT_WORDS[scene.artifact])} in the {scene.region}."
         return image, preamble + DESCRIBE, answer
     asked = scene.artifact if scene.artifact and rng.random() < 0.5 else rng.choice(ARTIFACTS)
     return image, preamble + find_question(asked), "Yes." if asked == scene.artifact else "No."
@@ -248,7 +248,9 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
         raise ValueError(f"training split has bad lines: {split.errors[:3]}")
     rng = random.Random(f"judge-{split.mode}-{settings.seed}")
     records = split.records
-    golds = _gold_texts(split_dir)
+    unlabelled = [record.line for record in records if record.gold_text is None]
+    if unlabelled:
+        raise ValueError(f"training split lines without a gold judge output: {unlabelled[:5]}")
     images: dict[str, object] = {}
     params = [p for p in peft_model.parameters() if p.requires_grad]
     head = peft_model.get_base_model().lm_head.weight.detach().to(head_dtype())  # frozen: not a LoRA target
@@ -262,7 +264,7 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
         chats, targets, pils = [], [], []
         for index in picks:
             record = records[index]
-            responses, gold = record.responses(), golds[record.line]
+            responses, gold = record.responses(), record.gold_text
             if split.mode == "pairwise" and rng.random() < 0.5:
                 # Each pair in either order, the gold letter following its response: the judge must
                 # compare the two, not learn a position.
@@ -295,16 +297,12 @@ def _swapped_choice(gold: str) -> str:
 
 
 def _split_lines(split_dir: Path) -> dict[int, dict]:
-    """The split's JSON lines by line number (as `Record.line`), for the fields `read_split` leaves
-    out: the gold judge output, and the synthetic builder's `meta`."""
+    """The split's JSON lines by line number (as `Record.line`), for the field `read_split` leaves
+    out: the synthetic builder's `meta`."""
     import json
 
     with open(Path(split_dir) / "data.jsonl", encoding="utf-8") as handle:
         return {number: json.loads(line) for number, line in enumerate(handle, start=1) if line.strip()}
-
-
-def _gold_texts(split_dir: Path) -> dict[int, str]:
-    return {number: line["messages"][-1]["content"] for number, line in _split_lines(split_dir).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,8 +332,8 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
     from dfj.export.staging import staged_folder
     from dfj.hf import quiet_transformers
     from dfj.manifest import Manifest, write_manifest
-    from dfj.synthetic import build_synthetic_split
-    from dfj.testing import _generation_config, tiny_config, write_processor
+    from dfj.tiny.model import generation_config, tiny_config, with_lora, write_processor
+    from dfj.tiny.synthetic import build_synthetic_split
 
     settings = settings or TrainSettings()
     if settings.threads:
@@ -353,24 +351,16 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
         processor = AutoProcessor.from_pretrained(base_dir)
         torch.manual_seed(settings.seed)
         model = Qwen2_5_VLForConditionalGeneration(tiny_config()).to(torch.float32)
-        model.generation_config = _generation_config()
+        model.generation_config = generation_config()
         t0 = time.perf_counter()
         train_base(model, processor, settings, log)
         timings["base_s"] = time.perf_counter() - t0
         model.save_pretrained(base_dir)
 
-        from peft import LoraConfig, get_peft_model
-
-        from dfj.hf import peft_without_gptq_probe
-        from dfj.testing import LORA_EXCLUDE, LORA_TARGETS
-
         for mode in prompts.MODES:
             base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
-            config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LORA_TARGETS,
-                                exclude_modules=LORA_EXCLUDE, lora_dropout=0.0, task_type="CAUSAL_LM")
             torch.manual_seed(settings.seed + 1)
-            with peft_without_gptq_probe():
-                peft_model = get_peft_model(base, config)
+            peft_model = with_lora(base, settings.lora_rank)
             t0 = time.perf_counter()
             train_judge(peft_model, processor, work / "splits" / mode / "train", settings, log)
             timings[f"{mode}_judge_s"] = time.perf_counter() - t0
@@ -381,7 +371,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
             cfg["base_model_name_or_path"] = "../base"
             cfg_path.write_text(json.dumps(cfg, indent=2))
             write_manifest(adapter, Manifest.for_judge(
-                mode, "adapter", {"kind": "dfj.training", "version": TRAINED_VERSION, "seed": settings.seed}))
+                mode, "adapter", {"kind": "dfj.tiny.training", "version": TRAINED_VERSION, "seed": settings.seed}))
         timings["train_total_s"] = time.perf_counter() - started
         metrics = {"timings": timings, "settings": settings.__dict__,
                    "machine": {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -1,0 +1,102 @@
+"""dfj's GGUF export against llama.cpp's own converter (`convert_hf_to_gguf.py`, from the llama-cpp-python
+source package that scripts/install.sh keeps in the wheel cache): same tensors, same metadata outside
+`general.*`, and a file llama.cpp loads without vocabulary warnings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytestmark = pytest.mark.slow
+
+LLAMA_CPP_VERSION = "0.3.36"  # scripts/install.sh's
+
+
+def _sdist() -> Path:
+    wheels = Path(os.environ.get("DFJ_WHEEL_CACHE") or Path.home() / ".cache" / "dfj" / "wheels")
+    sdist = wheels / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+    assert sdist.is_file(), f"{sdist} is missing: scripts/install.sh fetches it"
+    return sdist
+
+
+@pytest.fixture(scope="module")
+def converter(tmp_path_factory) -> Path:
+    """llama.cpp's converter, its conversion package and its gguf-py, unpacked from the source package."""
+    root = tmp_path_factory.mktemp("llama-converter")
+    prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
+    wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
+    with tarfile.open(_sdist()) as archive:
+        members = [m for m in archive.getmembers() if m.name.startswith(wanted)]
+        archive.extractall(root, members=members, filter="data")
+    return root / prefix
+
+
+@pytest.fixture(scope="module")
+def converted(converter, merged, module_dir):
+    """(dfj's export, llama.cpp's conversion) of one merged tiny judge: text and vision files."""
+    from dfj.export import export
+    from dfj.export.gguf import MMPROJ_FILE, TEXT_FILE
+
+    model = merged("pointwise")
+    ours = export(model, module_dir("dfj-gguf") / "f32", "gguf-f32")
+    theirs = module_dir("llama-gguf")
+    for flag, name in (([], TEXT_FILE), (["--mmproj"], MMPROJ_FILE)):
+        run = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
+                              "--outfile", str(theirs / name), *flag], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    return ours, theirs
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    metadata = {}
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF."):  # the header (version, counts), not metadata
+            continue
+        value = field.contents()
+        metadata[field.name] = value
+    tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape), np.array(t.data)) for t in reader.tensors}
+    return metadata, tensors
+
+
+@pytest.mark.parametrize("file", ["text", "mmproj"])
+def test_dfj_gguf_has_the_tensors_and_metadata_llama_cpp_converter_writes(converted, file):
+    from dfj.export.gguf import MMPROJ_FILE, TEXT_FILE
+
+    name = TEXT_FILE if file == "text" else MMPROJ_FILE
+    ours, theirs = converted
+    our_meta, our_tensors = _read(ours / name)
+    their_meta, their_tensors = _read(theirs / name)
+    assert sorted(our_tensors) == sorted(their_tensors)
+    for key, (kind, shape, data) in their_tensors.items():
+        assert our_tensors[key][:2] == (kind, shape), key
+        assert np.array_equal(our_tensors[key][2], data), f"{key}: tensor data differ"
+    outside_general = lambda meta: {k: v for k, v in meta.items() if not k.startswith("general.")}  # noqa: E731
+    ours_only, theirs_only = outside_general(our_meta), outside_general(their_meta)
+    assert sorted(ours_only) == sorted(theirs_only)
+    differing = [k for k in theirs_only if ours_only[k] != theirs_only[k]]
+    assert not differing, {k: (str(ours_only[k])[:200], str(theirs_only[k])[:200]) for k in differing}
+    assert our_meta["general.type"] == their_meta["general.type"]
+
+
+def test_llama_cpp_loads_the_dfj_gguf_without_vocabulary_warnings(converted):
+    from dfj.export.gguf import TEXT_FILE
+
+    ours, _ = converted
+    script = ("import sys, llama_cpp; "
+              "llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=True)")
+    run = subprocess.run([sys.executable, "-c", script, str(ours / TEXT_FILE)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "print_info: vocab" in log or "vocab" in log  # the load logged its vocabulary
+    warnings = [line for line in log.splitlines() if "control-looking token" in line or "special_eos_id is not in" in line]
+    assert not warnings, warnings
