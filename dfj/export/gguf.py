@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dfj import hf
+from dfj import hf, tolerances
 from dfj.export.checkpoint import Checkpoint
 from dfj.export.lora_merge import adapter_record, canonical_key
 from dfj.export.staging import staged_folder
@@ -37,12 +37,6 @@ MMPROJ_FILE = "mmproj.gguf"
 QUANTS = ("f32", "f16")
 # llama_ftype of the files written here (llama.h); the quantized ones are `dfj.quant.gguf`'s.
 LLAMA_FTYPES = {"f32": 0, "f16": 1}
-# Probe logits of the f32 GGUF vs transformers fp32. llama.cpp's f32 arithmetic is not torch's:
-# measured max |Δ logit| 6.4e-3 on the tiny judge and 1.8e-2 on a 3B-width judge with 4 layers
-# (4e-3 already for a one-token prompt; torch f32 vs f64 there: 7e-6), cosine ≥ 0.99999. The gate
-# is on the direction (a wrong or mis-split tensor drops it far below) with a loose bound on size.
-F32_MIN_COSINE = 0.9999
-F32_MAX_ABS = 0.1
 # llama.cpp reads clip.vision.image_size only to size its warm-up image; Qwen2.5-VL has no fixed size.
 WARMUP_IMAGE_SIZE = 560
 # Text positions the export probe's chat may take (556 for pointwise with the Qwen2.5 tokenizer); more
@@ -356,9 +350,10 @@ def export_gguf(
             # saved (a bf16 judge streamed as bf16, not copied to disk at twice its size as fp32).
             reference_dtype = "float32" if quant == "f32" else hf.checkpoint_dtype(merged)
             parity = probe_parity(merged, work, resolved.mode, limits, info["normalizer"], probe_memory, reference_dtype)
-            parity.update(tolerance=F32_MAX_ABS if exact else None,
-                          min_cosine=F32_MIN_COSINE if exact else None)
-            if exact and (parity["max_abs_diff"] > F32_MAX_ABS or parity["cosine"] < F32_MIN_COSINE):
+            gates = tolerances.EXPORT  # the f32 file against transformers fp32
+            parity.update(tolerance=gates.gguf_f32_max_abs if exact else None,
+                          min_cosine=gates.gguf_f32_min_cosine if exact else None)
+            if exact and (parity["max_abs_diff"] > gates.gguf_f32_max_abs or parity["cosine"] < gates.gguf_f32_min_cosine):
                 raise RuntimeError(f"the f32 GGUF does not match transformers: {parity}")
             write_manifest(
                 work,
