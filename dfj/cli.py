@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from dfj.tolerances import bench_defaults
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -166,7 +168,8 @@ def bench(
     device: str = typer.Option("cpu", help="cpu or cuda, for every judge."),
     dtype: Optional[str] = typer.Option(None, help="Artifacts' compute dtype (default: fp32 on CPU, bf16 on CUDA)."),
     reference_dtype: Optional[str] = typer.Option(None, help="Reference compute dtype (default: as --dtype)."),
-    tolerance: Optional[str] = typer.Option(None, help="Gate, e.g. rmse=0.05,pearson=0.02,accuracy=1.0,parse=0.02,kld=0.05."),
+    tolerance: Optional[str] = typer.Option(None, help="Gate over the defaults (dfj.tolerances): " + ",".join(
+        f"{k}={v:g}" for k, v in bench_defaults().items()) + "."),
     report: Path = typer.Option(Path("bench-report"), "--report", help="Report folder (JSON, markdown, PNG, resumable cache)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference decoding limit."),
 ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from dfj import prompts
 from dfj.hf import ADAPTER_CONFIG, read_adapter_config
 from dfj.images import PixelLimits
-from dfj.manifest import ArtifactError, Manifest, read_manifest, verify
+from dfj.manifest import MANIFEST_NAME, ArtifactError, Manifest, read_manifest, sha256_file, verify
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODE_IN_NAME = re.compile(r"(pointwise|pairwise)-dfj", re.IGNORECASE)
@@ -61,6 +61,19 @@ def resolve(source: str | os.PathLike, mode: str | None = None, verify_files: bo
     else:
         raise ArtifactError(f"{folder}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json)")
     return Source(kind=kind, path=folder, mode=_mode(manifest, mode, hints, name), name=name, base=base, manifest=manifest)
+
+
+def export_manifest(resolved: Source, fmt: str, source_fields: dict, **fields) -> Manifest:
+    """The manifest of an export of `resolved`. Exported from a dfj model artifact (a merge, say), it
+    records that artifact's manifest hash and continues its chain of stages, as `dfj quant` does."""
+    source = {"name": resolved.name, "kind": resolved.kind, **source_fields}
+    chained = resolved.kind == "model" and resolved.manifest is not None
+    if chained:
+        source["manifest_sha256"] = sha256_file(resolved.path / MANIFEST_NAME)
+    manifest = Manifest.for_judge(resolved.mode, fmt, source, **fields)
+    if chained and resolved.manifest.chain:
+        manifest.chain = [*resolved.manifest.chain, manifest.stage("export")]
+    return manifest
 
 
 def mode_from_name(*names: str) -> str | None:

@@ -125,7 +125,7 @@ def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records,
         assert ours.prompt_ids(record.image, record.label, *record.responses()) == expected
         # and mtmd makes exactly that many image tokens of the image
         prompt = ours._prepare(record.image, record.label, record.responses()).prompt
-        assert ours.runtime.image_embeddings(prompt).shape[0] == expected.count(theirs.chat.image_pad_id)
+        assert ours.runtime.embed_images([prompt])[0].shape[0] == expected.count(theirs.chat.image_pad_id)
 
 
 @pytest.mark.parametrize("size", [(84, 112), (300, 120), (56, 560), (448, 336)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -135,7 +135,7 @@ def test_f32_vision_embeddings_match_transformers(gguf, judges, size):
     rng = np.random.default_rng(sum(size))
     image = fit_to_grid(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB"))
     judge = judges(gguf["pointwise", "f32"])
-    ours = judge.runtime.image_embeddings(judge._prepare(image, "fake", ("a response",)).prompt)
+    ours = judge.runtime.embed_images([judge._prepare(image, "fake", ("a response",)).prompt])[0]
     reference = judges(gguf["merged"]).runtime  # the LoRA leaves the vision tower as it is
     inputs = reference.processor.image_processor(images=[image], return_tensors="pt")
     with torch.inference_mode():
@@ -261,7 +261,9 @@ def test_export_gate_refuses_a_mis_mapped_tensor(gguf, monkeypatch, tmp_path):
     from dfj.tiny import trained_tiny_judge
 
     passed = read_manifest(gguf["pointwise", "f32"]).parity
-    assert passed["cosine"] >= gguf_export.F32_MIN_COSINE and passed["max_abs_diff"] <= gguf_export.F32_MAX_ABS
+    from dfj.tolerances import EXPORT
+
+    assert passed["cosine"] >= EXPORT.gguf_f32_min_cosine and passed["max_abs_diff"] <= EXPORT.gguf_f32_max_abs
     plan = gguf_export.plan_tensors
 
     def swapped(shapes, config):

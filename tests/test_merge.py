@@ -122,10 +122,12 @@ def test_export_is_repeatable_and_refuses_to_clobber(tiny, merged, tmp_path):
 
 
 def test_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
-    import dfj.export.lora_merge as merge_module
+    from dataclasses import replace
 
-    monkeypatch.setattr(merge_module, "MERGE_TOLERANCE", {"float32": (0.0, 0.0)})  # impossible to meet
-    monkeypatch.setattr(merge_module, "MIN_COSINE", 2.0)
+    from dfj import tolerances
+
+    impossible = replace(tolerances.EXPORT, lossless_atol=0.0, lossless_rtol=0.0, merge_min_cosine=2.0)
+    monkeypatch.setattr(tolerances, "EXPORT", impossible)  # the merge reads its gate from the table
     with pytest.raises(RuntimeError, match="does not match its source"):
         merge(tiny("pointwise", adapter=True), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -29,7 +29,7 @@ from dfj.export.checkpoint import Checkpoint
 from dfj.export.lora_merge import adapter_record, canonical_key
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
-from dfj.manifest import Manifest, write_manifest
+from dfj.manifest import write_manifest
 from dfj.runtime.llamacpp import package_version
 
 TEXT_FILE = "model.gguf"
@@ -334,7 +334,7 @@ def export_gguf(
 ) -> Path:
     """Merge the LoRA if needed, write the two GGUF files, check the probe through llama.cpp, write."""
     from dfj.export.lora_merge import merged_scratch
-    from dfj.sources import resolve
+    from dfj.sources import export_manifest, resolve
 
     if quant not in QUANTS:
         raise ValueError(f"unknown GGUF quantization {quant!r}: {', '.join(QUANTS)}")
@@ -357,9 +357,8 @@ def export_gguf(
                 raise RuntimeError(f"the f32 GGUF does not match transformers: {parity}")
             write_manifest(
                 work,
-                Manifest.for_judge(resolved.mode, "gguf",
-                                   {"name": resolved.name, "kind": resolved.kind, **adapter_record(resolved)},
-                                   limits=limits, quant=f"gguf-{quant}", parity=parity, extra={"gguf": info}),
+                export_manifest(resolved, "gguf", adapter_record(resolved),
+                                limits=limits, quant=f"gguf-{quant}", parity=parity, extra={"gguf": info}),
             )
     return Path(out).resolve()
 

@@ -27,16 +27,16 @@ from typing import Any, Iterator
 
 from dfj import hf
 from dfj.export.checkpoint import Checkpoint, PlannedTensor, torch_dtype_code, write_shards
-from dfj.export.probe import LOSSLESS_ATOL, LOSSLESS_RTOL, compare_logits, lossless_tolerance, probe_logits
+from dfj import tolerances
+from dfj.export.probe import compare_logits, lossless_tolerance, probe_logits
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
-from dfj.manifest import ArtifactError, Manifest, sha256_file, write_manifest
-from dfj.sources import resolve
+from dfj.manifest import ArtifactError, sha256_file, write_manifest
+from dfj.sources import export_manifest, resolve
 
-# (atol, rtol) of the max |logit difference| allowed between the merged artifact and base+adapter, by
-# saved dtype (see `probe.lossless_tolerance`); bf16 is lossy and checked by cosine only.
-MERGE_TOLERANCE = {"float32": (LOSSLESS_ATOL, LOSSLESS_RTOL)}
-MIN_COSINE = 0.999  # any dtype
+# The dtypes whose merge is lossless and gated on max |delta logit| (`dfj.tolerances`); bf16 is lossy
+# and gated by cosine only.
+LOSSLESS_DTYPES = ("float32",)
 # Memory the parity probe may hold in weights; the layers past it are read from disk as the forward
 # reaches them. 2 GB holds a 7B judge's vision tower in bf16 and leaves the export under 4 GB.
 PROBE_MEMORY_BYTES = 2 * 1024**3
@@ -257,16 +257,15 @@ def export_merged(
                                              memory=probe_memory)
             merged = bounded_probe_logits(work, processor, resolved.mode, saved_dtype, memory=probe_memory)
             parity = compare_logits(reference, merged)
-            bounds = MERGE_TOLERANCE.get(saved_dtype)
-            tolerance = None if bounds is None else lossless_tolerance(reference, *bounds)
-            parity.update(reference="base+adapter" if adapter_info else "source", tolerance=tolerance)
-            if (tolerance is not None and parity["max_abs_diff"] > tolerance) or parity["cosine"] < MIN_COSINE:
+            tolerance = lossless_tolerance(reference) if saved_dtype in LOSSLESS_DTYPES else None
+            min_cosine = tolerances.EXPORT.merge_min_cosine
+            parity.update(reference="base+adapter" if adapter_info else "source", tolerance=tolerance, min_cosine=min_cosine)
+            if (tolerance is not None and parity["max_abs_diff"] > tolerance) or parity["cosine"] < min_cosine:
                 raise RuntimeError(f"merged model does not match its source: {parity}")
         write_manifest(
             work,
-            Manifest.for_judge(
-                resolved.mode, "safetensors",
-                {"name": resolved.name, "kind": resolved.kind, "dtype": saved_dtype, **adapter_info},
+            export_manifest(
+                resolved, "safetensors", {"dtype": saved_dtype, **adapter_info},
                 limits=limits, quant="none", parity=parity,
                 extra={"merge": {"streamed": True, "dtype": saved_dtype, **merge_info}},
             ),

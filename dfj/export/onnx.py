@@ -29,8 +29,8 @@ from dfj import hf
 from dfj.export.lora_merge import adapter_record
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
-from dfj.manifest import Manifest, write_manifest
-from dfj.sources import resolve
+from dfj.manifest import write_manifest
+from dfj.sources import export_manifest, resolve
 
 OPSET = 18
 GRAPHS = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
@@ -266,9 +266,8 @@ def export_onnx(
             raise RuntimeError(f"the fp32 ONNX graphs do not match transformers: {parity}")
         write_manifest(
             work,
-            Manifest.for_judge(resolved.mode, "onnx",
-                               {"name": resolved.name, "kind": resolved.kind, **adapter_record(resolved)},
-                               limits=limits, quant=f"onnx-{quant}", parity=parity, extra={"onnx": onnx_info}),
+            export_manifest(resolved, "onnx", adapter_record(resolved),
+                            limits=limits, quant=f"onnx-{quant}", parity=parity, extra={"onnx": onnx_info}),
         )
     return Path(out).resolve()
 

@@ -40,16 +40,12 @@ def probe_logits(model, processor, mode: str, positions: int = 24):
         return model(**inputs, logits_to_keep=positions, use_cache=False).logits[0].float().cpu()
 
 
-# A lossless path (the fp32 merge, fp32 ONNX) differs from its source only by fp32 rounding, which
-# grows with the logits: the allowed max |delta logit| is atol + rtol * max |reference logit|, as
-# numpy.allclose has it. Measured: 1.1e-4 on a trained tiny judge's merge whose logits reach 19.8.
-LOSSLESS_ATOL = 1e-4
-LOSSLESS_RTOL = 1e-5
+def lossless_tolerance(reference) -> float:
+    """The max |delta logit| a lossless export of the model that gave `reference` may show
+    (`dfj.tolerances.EXPORT`: atol + rtol * max |reference logit|)."""
+    from dfj import tolerances
 
-
-def lossless_tolerance(reference, atol: float = LOSSLESS_ATOL, rtol: float = LOSSLESS_RTOL) -> float:
-    """The max |delta logit| a lossless export of the model that gave `reference` may show."""
-    return atol + rtol * float(reference.abs().max())
+    return tolerances.EXPORT.lossless_atol + tolerances.EXPORT.lossless_rtol * float(reference.abs().max())
 
 
 def compare_logits(reference, candidate) -> dict[str, float]:

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dfj import tolerances
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits, load_image
 from dfj.manifest import write_manifest
@@ -30,8 +31,6 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # GPTQModel's own bounded-memory loading: the model is a meta-device shell whose modules are read from
 # the checkpoint when the layer-by-layer loop reaches them, and finished ones go back to disk.
 OFFLOAD_TO_DISK = True
-# Probe logits of the 4-bit artifact vs the fp32 merge: a quantized judge that falls below this is refused.
-MIN_COSINE = 0.90
 
 NO_CALIBRATION = (
     "a gptq-* method needs --calibration SPLIT_DIR: a DFJ split (e.g. the judge's training split) whose "
@@ -172,10 +171,11 @@ def verify_gptq(folder: Path, merged: Path, mode: str, limits: PixelLimits) -> d
     with hf.quiet_transformers():  # its dense parts (vision, embedding, head) in the input's dtype, as saved
         quantized = hf.load_model(folder, dtype=hf.torch_dtype(hf.checkpoint_dtype(merged), "cpu"))
     parity = compare_logits(reference, probe_logits(quantized, processor, mode))
-    parity.update(reference="transformers fp32 (merged input)", min_cosine=MIN_COSINE)
+    min_cosine = tolerances.EXPORT.gptq_min_cosine  # a judge quantized below it is refused
+    parity.update(reference="transformers fp32 (merged input)", min_cosine=min_cosine)
     del quantized
     gc.collect()
-    if parity["cosine"] < MIN_COSINE:
+    if parity["cosine"] < min_cosine:
         raise RuntimeError(f"the GPTQ judge's probe logits drifted too far from the fp32 merge: {parity}")
     # Against the bf16 checkpoint a user would otherwise ship (the DFJ judges are bf16).
     return {"parity": parity, "packed_linear_layers": packed, "linear_weight_bytes": quant_bytes,

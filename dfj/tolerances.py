@@ -1,0 +1,52 @@
+"""Every parity bound dfj gates on, in one table: what an export or quantization refuses to write,
+and what `dfj bench` gates by default. The stages and the bench read these values; nothing else
+sets a bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ExportGates:
+    """Probe logits of a written artifact against transformers on its source (`dfj.export.probe`)."""
+
+    # A lossless path (the fp32 merge, fp32 ONNX) differs from its source only by fp32 rounding, which
+    # grows with the logits: max |delta logit| <= atol + rtol * max |reference logit|, as numpy.allclose.
+    # Measured: 1.1e-4 on a trained tiny judge's merge whose logits reach 19.8.
+    lossless_atol: float = 1e-4
+    lossless_rtol: float = 1e-5
+    # A merge in any dtype (bf16 included): the direction of the probe's rows.
+    merge_min_cosine: float = 0.999
+    # The f32 GGUF against transformers fp32: llama.cpp's f32 arithmetic is not torch's (measured max
+    # |delta logit| 6.4e-3 on the tiny judge, 1.8e-2 on a 3B-width judge with 4 layers; cosine >= 0.99999):
+    # gated on the direction (a wrong or mis-split tensor drops it far below), loosely on size.
+    gguf_f32_min_cosine: float = 0.9999
+    gguf_f32_max_abs: float = 0.1
+    # GPTQ against its fp32 input: a tensor quantized wrongly (or not calibrated) falls far below.
+    gptq_min_cosine: float = 0.90
+
+
+@dataclass(frozen=True)
+class BenchGates:
+    """`dfj bench --tolerance`: how much worse than the reference an artifact may be."""
+
+    rmse: float = 0.05  # pointwise RMSE may rise by this much
+    pearson: float = 0.02  # pointwise Pearson may drop by this much
+    accuracy: float = 1.0  # pairwise accuracy may drop by this many percentage points
+    parse: float = 0.02  # parse-failure rate may rise by this much (a share of records)
+    kld: float = 0.05  # mean per-token KL(reference || artifact), nats
+    # The image embeddings the artifact feeds its language model against the reference's: the mean
+    # cosine of their rows may fall below 1 by this much. Measured on the demo's artifacts and on one
+    # vision block scaled by 1.05 (README, "Vision-tower parity").
+    vision_cos: float = 0.002
+
+
+EXPORT = ExportGates()
+BENCH = BenchGates()
+
+
+def bench_defaults() -> dict[str, float]:
+    """The bench gate's defaults, as `--tolerance` keys."""
+    return asdict(BENCH)
