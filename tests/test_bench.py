@@ -15,10 +15,12 @@ from dfj.cli import app
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 LIMIT = 12
+VISION_RECORDS = 40  # 4 images, 10 pairs each
 
 REPORT_KEYS = {"schema", "created", "data", "tolerance", "reference", "artifacts", "passed"}
 JUDGE_KEYS = {"name", "source", "runtime", "device", "dtype", "format", "quant", "error", "quality", "cost"}
-ARTIFACT_KEYS = JUDGE_KEYS | {"agreement", "parity", "delta", "failures", "passed"}
+ARTIFACT_KEYS = JUDGE_KEYS | {"agreement", "parity", "vision", "delta", "failures", "passed"}
+VISION_KEYS = {"images", "cos_min", "cos_mean", "rel_l2_max", "rel_l2_mean", "errors"}
 COST_KEYS = {"load_s", "latency_p50_s", "latency_p95_s", "records_per_s", "peak_rss_mb", "size_bytes"}
 PARITY_KEYS = {"tokens", "kld_mean", "kld_p99", "kld_max", "rms_delta_p", "top1_agreement", "errors"}
 
@@ -55,6 +57,9 @@ def test_bench_passes_lossless_and_measures_lossy(first_run):
     assert report["passed"] and fp32["passed"] and bf16["passed"]
     assert fp32["parity"]["kld_max"] < 1e-8 and fp32["parity"]["top1_agreement"] == 1.0 and fp32["agreement"] == 1.0
     assert fp32["delta"]["accuracy"] == 0.0
+    # the image embeddings: the fp32 merge leaves the (unmerged) vision tower as it was
+    assert fp32["vision"]["images"] == 2 and fp32["vision"]["cos_min"] > 1 - 1e-6 and fp32["vision"]["rel_l2_max"] < 1e-5
+    assert 0 < bf16["vision"]["rel_l2_mean"] < 0.05 and bf16["vision"]["cos_mean"] > 1 - report["tolerance"]["vision_cos"]
     # bf16 weights move the logits measurably, far less than the gate allows
     assert 1e-9 < bf16["parity"]["kld_mean"] < 0.01 and bf16["parity"]["rms_delta_p"] > 0
     assert bf16["cost"]["size_bytes"] < 0.6 * fp32["cost"]["size_bytes"]
@@ -66,7 +71,7 @@ def test_report_schema_markdown_and_figure(first_run):
     assert set(report) == REPORT_KEYS and report["schema"] == "dfj-bench/1"
     assert set(report["reference"]) == JUDGE_KEYS and set(report["reference"]["cost"]) == COST_KEYS
     for entry in report["artifacts"]:
-        assert set(entry) == ARTIFACT_KEYS and set(entry["parity"]) == PARITY_KEYS
+        assert set(entry) == ARTIFACT_KEYS and set(entry["parity"]) == PARITY_KEYS and set(entry["vision"]) == VISION_KEYS
         assert entry["parity"]["tokens"] >= LIMIT * 3  # `<answer>X</answer>` is several tokens per record
         assert entry["cost"]["peak_rss_mb"] > 100 and entry["cost"]["latency_p50_s"] > 0
     assert set(report["data"]) == {"path", "sha256", "mode", "records", "unreadable_lines", "gold", "published"}
@@ -111,3 +116,34 @@ def test_interrupted_bench_resumes_with_the_same_verdicts(setup, first_run, tmp_
     for a, b in zip(first["artifacts"], again["artifacts"]):
         assert a["quality"] == b["quality"] and a["agreement"] == b["agreement"]
         assert a["parity"]["kld_mean"] == pytest.approx(b["parity"]["kld_mean"], rel=1e-6, abs=1e-12)
+
+
+def test_a_damaged_vision_block_fails_the_vision_gate_though_pairwise_accuracy_does_not_notice(setup, tmp_path):
+    """The trained pairwise judge hardly uses the image (README, "The trained tiny judges"), so its
+    verdicts cannot show damage to the vision tower; the embeddings the language model receives do."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dfj.manifest import read_manifest, write_manifest
+
+    damaged = tmp_path / "vision-block-scaled"
+    shutil.copytree(setup["fp32"], damaged)
+    scaled = 0
+    for shard in damaged.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for key in tensors:
+            if ".visual.blocks.1." in f".{key}" and key.endswith(".weight"):
+                tensors[key] = tensors[key] * torch.tensor(1.05, dtype=tensors[key].dtype)
+                scaled += 1
+        save_file(tensors, shard, metadata={"format": "pt"})
+    assert scaled >= 6  # the block's attention, MLP and norm weights
+    write_manifest(damaged, read_manifest(damaged))
+    report_dir = tmp_path / "report"
+    result = runner.invoke(app, ["bench", str(damaged), "--reference", str(setup["reference"]), "--data", str(setup["data"]),
+                                 "--limit", str(VISION_RECORDS), "--report", str(report_dir)])
+    assert result.exit_code == 1, result.output
+    [entry] = json.loads((report_dir / "report.json").read_text())["artifacts"]
+    assert [failure.split(":")[0] for failure in entry["failures"]] == ["vision_cos"], entry["failures"]
+    assert abs(entry["delta"]["accuracy"]) * 100 <= 1.0  # the accuracy gate's default: it does not notice

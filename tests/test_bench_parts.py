@@ -72,8 +72,9 @@ def test_tolerance_parsing():
             parse_tolerance(bad)
 
 
-def _entry(quality, delta, kld=1e-3, error=None):
-    return {"quality": quality, "delta": delta, "parity": {"kld_mean": kld}, "error": error}
+def _entry(quality, delta, kld=1e-3, error=None, vision_cos=0.99999):
+    return {"quality": quality, "delta": delta, "parity": {"kld_mean": kld}, "error": error,
+            "vision": {"cos_mean": vision_cos}}
 
 
 def test_gate_names_each_metric_out_of_tolerance():
@@ -81,15 +82,18 @@ def test_gate_names_each_metric_out_of_tolerance():
     ref = {"rmse": 0.5, "pearson": 0.9, "parse_failure_rate": 0.0}
     good = _entry({"rmse": 0.52, "pearson": 0.89, "parse_failure_rate": 0.0}, {"rmse": 0.02, "pearson": -0.01, "parse_failure_rate": 0.0})
     assert _gate("pointwise", good, ref, tol) == []
-    bad = _entry({"rmse": 0.6, "pearson": 0.85, "parse_failure_rate": 0.05}, {"rmse": 0.1, "pearson": -0.05, "parse_failure_rate": 0.05}, kld=0.2)
+    bad = _entry({"rmse": 0.6, "pearson": 0.85, "parse_failure_rate": 0.05}, {"rmse": 0.1, "pearson": -0.05, "parse_failure_rate": 0.05},
+                 kld=0.2, vision_cos=0.9)
     failures = _gate("pointwise", bad, ref, tol)
-    assert [f.split(":")[0] for f in failures] == ["parse_failure_rate", "rmse", "pearson", "kld"]
+    assert [f.split(":")[0] for f in failures] == ["parse_failure_rate", "rmse", "pearson", "kld", "vision_cos"]
     undefined = _entry({"rmse": None, "pearson": None, "parse_failure_rate": 1.0}, {"rmse": None, "pearson": None, "parse_failure_rate": 1.0})
     assert any("undefined for the artifact" in f for f in _gate("pointwise", undefined, ref, tol))
     pair_ref = {"accuracy": 0.9, "parse_failure_rate": 0.0}
     assert _gate("pairwise", _entry({"accuracy": 0.895, "parse_failure_rate": 0}, {"accuracy": -0.005, "parse_failure_rate": 0}), pair_ref, tol) == []
     assert "accuracy: -2.00 points" in _gate("pairwise", _entry({"accuracy": 0.88, "parse_failure_rate": 0}, {"accuracy": -0.02, "parse_failure_rate": 0}), pair_ref, tol)[0]
     assert _gate("pairwise", _entry(None, None, kld=None), None, tol) == ["kld: no token could be compared with the reference"]
+    assert _gate("pairwise", _entry(None, None, vision_cos=None), None, tol) == [
+        "vision_cos: no image's embeddings could be compared with the reference's"]
     assert _gate("pairwise", _entry(None, None, error="boom"), None, tol) == ["run failed: boom"]
 
 
@@ -97,3 +101,20 @@ def test_published_numbers_only_for_real_dfj_splits(tmp_path):
     assert published_for(tmp_path / "dfj-meta" / "dfj-meta-pointwise" / "test", "pointwise")["7B rmse"] == 0.61
     assert published_for(tmp_path / "dfj-meta-human" / "pairwise", "pairwise")["7B accuracy"] == 0.989
     assert published_for(tmp_path / "splits" / "pointwise" / "test", "pointwise") is None
+
+
+def test_vision_parity_per_token_cosine_and_relative_l2():
+    from dfj.bench.parity import summarize_vision, vision_parity
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(16, 8)).astype(np.float32)
+    same = vision_parity(reference, reference.copy())
+    assert same["cos_min"] == pytest.approx(1.0) and same["rel_l2"] == 0.0
+    damaged = reference.copy()
+    damaged[3] = -damaged[3]  # one token's row flipped: its cosine is -1
+    one = vision_parity(reference, damaged)
+    assert one["cos_min"] == pytest.approx(-1.0) and one["cos_sum"] == pytest.approx(14.0)
+    summary = summarize_vision([same, one, {"image": "x", "error": "boom"}])
+    assert summary["images"] == 2 and summary["cos_mean"] == pytest.approx(30 / 32) and summary["errors"] == ["boom"]
+    with pytest.raises(ValueError, match="split the image differently"):
+        vision_parity(reference, reference[:8])

@@ -11,7 +11,7 @@ from dfj.runtime.base import Runtime, Scores
 
 
 class ScriptedRuntime(Runtime):
-    """A whole runtime in the five methods of the contract: one character per token, scripted outputs."""
+    """A whole runtime in the six methods of the contract: one character per token, scripted outputs."""
 
     name = "scripted"
 
@@ -51,6 +51,9 @@ class ScriptedRuntime(Runtime):
         return [Scores(tokens=np.array([[table.get(t, -30.0) for t in s.tokens]] * len(s.forced), dtype=np.float32),
                        top_ids=np.zeros((len(s.forced), 0), dtype=np.int64),
                        top_logprobs=np.zeros((len(s.forced), 0), dtype=np.float32)) for s in scorings]
+
+    def embed_images(self, prompts_):
+        return [np.asarray(p.image.convert("RGB"), dtype=np.float32).reshape(-1, 3) for p in prompts_]
 
 
 IMAGE_PAD_ID = 0x10FFFF + 1  # beyond every character: the one control token of this runtime

@@ -1,20 +1,21 @@
-"""The registries: every runtime in RUNTIMES loads and judges through the five-method contract, every
+"""The registries: every runtime in RUNTIMES loads and judges through the six-method contract, every
 exporter and quantizer entry resolves, and exporters reach runtimes only through the contract."""
 
 import ast
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import dfj
 
 ROOT = Path(dfj.__file__).parent
-CONTRACT = {"load", "tokenize", "decode", "generate", "score"}
+CONTRACT = {"load", "tokenize", "decode", "generate", "score", "embed_images"}
 
 
-def test_the_runtime_contract_is_five_methods():
+def test_the_runtime_contract_is_six_methods():
     from dfj.runtime.base import Runtime
 
     assert Runtime.__abstractmethods__ == CONTRACT
@@ -35,7 +36,7 @@ def test_every_runtime_loads_and_judges_through_the_contract(artifacts):
     from dfj.runtime import RUNTIME_FOR_FORMAT, RUNTIMES, Runtime, runtime_class
 
     image = Image.new("RGB", (56, 84), (120, 30, 200))
-    verdicts = {}
+    verdicts, embeddings = {}, {}
     for name in RUNTIMES:
         cls = runtime_class(name)
         assert issubclass(cls, Runtime) and not cls.__abstractmethods__, name
@@ -44,10 +45,15 @@ def test_every_runtime_loads_and_judges_through_the_contract(artifacts):
         judge = dfj.load_judge(str(artifacts[formats[0]]), runtime=name)
         assert type(judge.runtime) is cls
         verdicts[name] = judge.compare(image, "fake", "a response", "another response")
+        [embeddings[name]] = judge.runtime.embed_images([judge._prepare(image, "fake", ("a", "b")).prompt])
         judge.runtime.close()
     assert {name for name, v in verdicts.items() if v.p_a is not None} == set(RUNTIMES)
     choices = {v.choice for v in verdicts.values()}
     assert len(choices) == 1, verdicts  # fp32 everywhere: one verdict
+    reference = embeddings["torch"]
+    for name, rows in embeddings.items():  # the image as every runtime feeds it to the language model
+        assert rows.dtype == np.float32 and rows.shape == reference.shape, (name, rows.shape, reference.shape)
+        assert np.abs(rows - reference).max() <= 1e-3 * np.abs(reference).max(), name
 
 
 def test_every_runtime_refuses_options_it_does_not_have(artifacts):
@@ -78,5 +84,16 @@ def test_exporters_and_quantizers_reach_runtimes_only_through_the_contract():
                 names = {alias.name for alias in node.names}
                 assert not any(n.endswith("Runtime") for n in names), (path.name, names)
         source = path.read_text(encoding="utf-8")
-        for method in ("prompt_logits", "from_folder", "generate_ids", "logprobs_ids", "image_embeddings"):
+        for method in ("prompt_logits", "from_folder", "generate_ids", "logprobs_ids", "image_embeddings", "embed_images"):
             assert f".{method}(" not in source, (path.name, method)
+
+
+def test_an_export_of_a_dfj_artifact_records_it_and_continues_its_chain(artifacts):
+    from dfj.manifest import MANIFEST_NAME, read_manifest, sha256_file
+
+    merged = read_manifest(artifacts["safetensors"])
+    for fmt in ("onnx", "gguf"):
+        exported = read_manifest(artifacts[fmt])
+        assert exported.source["manifest_sha256"] == sha256_file(artifacts["safetensors"] / MANIFEST_NAME)
+        assert [stage["stage"] for stage in exported.chain] == ["export", "export"]
+        assert exported.chain[0] == merged.chain[0] and exported.chain[1]["format"] == fmt

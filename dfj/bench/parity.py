@@ -107,3 +107,31 @@ def summarize(parts: list[TokenParity]) -> ParitySummary:
         rms_delta_p=float(np.sqrt((dp**2).mean())),
         top1_agreement=float(top1.mean()),
     )
+
+
+# -- vision tower ---------------------------------------------------------------------------------------
+def vision_parity(reference: np.ndarray, embeddings: np.ndarray) -> dict[str, float | int]:
+    """One image's embeddings (image tokens, hidden) as an artifact feeds them to its language model,
+    against the reference's: the cosine of each token's row (min, mean) and the relative L2 error."""
+    if embeddings.shape != reference.shape:
+        raise ValueError(f"image embeddings of shape {tuple(embeddings.shape)}, the reference's {tuple(reference.shape)}: "
+                         "the runtimes split the image differently")
+    ref = reference.astype(np.float64)
+    got = np.asarray(embeddings, dtype=np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cosines = (ref * got).sum(axis=1) / np.maximum(norms, 1e-30)
+    return {"tokens": int(ref.shape[0]), "cos_min": float(cosines.min()), "cos_sum": float(cosines.sum()),
+            "rel_l2": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))}
+
+
+def summarize_vision(rows: list[dict]) -> dict:
+    """Over the images: the lowest token cosine, the mean token cosine, the relative L2 (max, mean)."""
+    good = [row for row in rows if not row.get("error")]
+    errors = [row["error"] for row in rows if row.get("error")]
+    if not good:
+        return {"images": 0, "cos_min": None, "cos_mean": None, "rel_l2_max": None, "rel_l2_mean": None,
+                "errors": errors[:5]}
+    return {"images": len(good), "cos_min": min(row["cos_min"] for row in good),
+            "cos_mean": sum(row["cos_sum"] for row in good) / sum(row["tokens"] for row in good),
+            "rel_l2_max": max(row["rel_l2"] for row in good),
+            "rel_l2_mean": float(np.mean([row["rel_l2"] for row in good])), "errors": errors[:5]}

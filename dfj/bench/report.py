@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("judge", "format", "quality", "Δ vs ref", "parse fail", "agree", "KLD mean / p99 / max", "top-1",
-           "RMS Δp", "p50 s", "rec/s", "RSS MB", "size MB", "gate")
+           "RMS Δp", "vision cos mean / min", "p50 s", "rec/s", "RSS MB", "size MB", "gate")
 # The console keeps the columns that decide; report.md has them all.
 CONSOLE_COLUMNS = ("judge", "format", "quality", "Δ vs ref", "parse fail", "agree", "KLD mean / p99 / max", "top-1",
-                   "p50 s", "size MB", "gate")
+                   "vision cos mean / min", "p50 s", "size MB", "gate")
 
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
@@ -56,6 +56,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
             kld,
             "-" if is_ref else _num(parity.get("top1_agreement"), ".4f"),
             "-" if is_ref else _num(parity.get("rms_delta_p"), ".2e"),
+            "-" if is_ref else " / ".join(_num((entry.get("vision") or {}).get(k), ".6f") for k in ("cos_mean", "cos_min")),
             _num(cost["latency_p50_s"], ".2f"),
             _num(cost["records_per_s"], ".2f"),
             _num(cost["peak_rss_mb"], ".0f"),

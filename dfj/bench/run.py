@@ -24,19 +24,14 @@ from typing import Any, Callable
 import numpy as np
 
 from dfj.bench.metrics import pairwise_quality, pointwise_quality
-from dfj.bench.parity import TokenParity, summarize
-from dfj.bench.worker import STATS, WorkerSpec, finished
+from dfj.bench.parity import TokenParity, summarize, summarize_vision
+from dfj.bench.worker import STATS, VISION, WorkerSpec, finished
+from dfj.tolerances import bench_defaults
 
 SCHEMA = "dfj-bench/1"
 
-# Gate defaults: how much worse than the reference an artifact may be.
-DEFAULT_TOLERANCE: dict[str, float] = {
-    "rmse": 0.05,  # pointwise RMSE may rise by this much
-    "pearson": 0.02,  # pointwise Pearson may drop by this much
-    "accuracy": 1.0,  # pairwise accuracy may drop by this many percentage points
-    "parse": 0.02,  # parse-failure rate may rise by this much (a share of records)
-    "kld": 0.05,  # mean per-token KL(reference ‖ artifact), nats
-}
+# Gate defaults (how much worse than the reference an artifact may be): dfj.tolerances.BenchGates.
+DEFAULT_TOLERANCE: dict[str, float] = bench_defaults()
 
 # Published DeepfakeJudge numbers (NOTES.md §1), shown when the data is a real DFJ split.
 PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
@@ -219,10 +214,11 @@ def _run_worker(judge: BenchJudge, spec: WorkerSpec, progress: Progress | None) 
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         error = f"worker exited with status {proc.returncode}: {tail[0]} (log: {log_path})"
     rows = finished(cache)
+    vision = list(finished(cache, VISION, "image").values())
     stats = json.loads((cache / STATS).read_text()) if (cache / STATS).is_file() and not error else {}
     if not error and len(rows) < len(spec.indices):
         error = f"worker finished {len(rows)} of {len(spec.indices)} records (log: {log_path})"
-    return {"rows": rows, "stats": stats, "error": error}
+    return {"rows": rows, "vision": vision, "stats": stats, "error": error}
 
 
 # -- aggregation ----------------------------------------------------------------------------------------
@@ -277,6 +273,7 @@ def _artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance) -> di
     entry["agreement"] = float(np.mean(agree)) if agree else None
     entry["parity"] = summarize(parts).to_dict()
     entry["parity"]["errors"] = [rows[i]["parity_error"] for i in sorted(rows) if rows[i].get("parity_error")][:5]
+    entry["vision"] = summarize_vision(run.get("vision", []))
     entry["delta"] = _delta(entry["quality"], reference["quality"])
     entry["failures"] = _gate(mode, entry, reference["quality"], tolerance)
     entry["passed"] = not entry["failures"]
@@ -314,6 +311,11 @@ def _gate(mode: str, entry: dict[str, Any], reference: dict | None, tolerance: d
         failures.append("kld: no token could be compared with the reference")
     elif kld > tolerance["kld"]:
         failures.append(f"kld: mean {kld:.4g} > {tolerance['kld']:g}")
+    cos = (entry.get("vision") or {}).get("cos_mean")
+    if cos is None:
+        failures.append("vision_cos: no image's embeddings could be compared with the reference's")
+    elif 1.0 - cos > tolerance["vision_cos"]:
+        failures.append(f"vision_cos: mean token cosine {cos:.6f} is below 1 by more than {tolerance['vision_cos']:g}")
     return failures
 
 

@@ -20,6 +20,7 @@ from dfj.bench.parity import ReferenceRows, token_parity
 from dfj.verdicts import failure
 
 VERDICTS = "verdicts.jsonl"
+VISION = "vision.jsonl"  # one row per image: the reference's embedding shape, an artifact's parity
 STATS = "stats.json"
 
 
@@ -46,10 +47,10 @@ class WorkerSpec:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def finished(cache: Path) -> dict[int, dict[str, Any]]:
-    """Rows already done, by record index (complete lines only: a kill can tear the last one)."""
-    rows: dict[int, dict[str, Any]] = {}
-    path = Path(cache) / VERDICTS
+def finished(cache: Path, name: str = VERDICTS, key: str = "index") -> dict[Any, dict[str, Any]]:
+    """Rows already done, by record index (or `key`) (complete lines only: a kill can tear the last one)."""
+    rows: dict[Any, dict[str, Any]] = {}
+    path = Path(cache) / name
     if not path.is_file():
         return rows
     with open(path, "rb") as handle:
@@ -60,7 +61,7 @@ def finished(cache: Path) -> dict[int, dict[str, Any]]:
                 row = json.loads(raw)
             except json.JSONDecodeError:
                 break
-            rows[row["index"]] = row
+            rows[row[key]] = row
     return rows
 
 
@@ -82,8 +83,12 @@ def run(spec: WorkerSpec) -> None:
     reference_rows = finished(Path(spec.reference_cache)) if spec.reference_cache else {}
     stats: dict[str, Any] = {"load_s": None, "peak_rss_mb": None, "judged_this_run": 0}
     print(f"PROGRESS {len(spec.indices) - len(todo)} {len(spec.indices)}", flush=True)
-    if todo:
-        records = read_split(spec.data, mode=spec.mode).records
+    records = read_split(spec.data, mode=spec.mode).records
+    seen = finished(cache, VISION, "image")
+    _rewrite_complete(cache / VISION, seen)
+    images = {image_key(records[i].image): i for i in reversed(spec.indices)}  # each image's first record
+    vision_todo = [index for key, index in images.items() if key not in seen]
+    if todo or vision_todo:
         started = time.perf_counter()
         judge = dfj.load_judge(spec.source, runtime=spec.runtime, device=spec.device, dtype=spec.dtype,
                                mode=spec.mode, max_new_tokens=spec.max_new_tokens, **spec.options)
@@ -97,6 +102,11 @@ def run(spec: WorkerSpec) -> None:
                     stats["judged_this_run"] += 1
                     count += 1
                     print(f"PROGRESS {count} {len(spec.indices)}", flush=True)
+        with open(cache / VISION, "ab") as sink:
+            for index in sorted(vision_todo):
+                row = _vision_row(judge, records[index], spec, cache)
+                sink.write((json.dumps(row) + "\n").encode())
+                sink.flush()
         stats["peak_rss_mb"] = peak_rss_mb()
     elif (cache / STATS).is_file():  # all cached: keep the cost measured by the run that judged
         stats = {**json.loads((cache / STATS).read_text(encoding="utf-8")), "judged_this_run": 0}
@@ -113,6 +123,39 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def image_key(image: Any) -> str:
+    """A record's image as a cache key (records of a split name their image by path)."""
+    import hashlib
+
+    return hashlib.sha256(str(image).encode("utf-8")).hexdigest()[:16]
+
+
+def _vision_row(judge, record, spec: WorkerSpec, cache: Path) -> dict[str, Any]:
+    """The image embeddings this judge's runtime feeds its language model for the record's image: kept
+    by the reference, compared with the reference's by an artifact (`dfj.bench.parity.vision_parity`)."""
+    import numpy as np
+
+    from dfj.bench.parity import vision_parity
+
+    key = image_key(record.image)
+    row: dict[str, Any] = {"image": key, "error": None}
+    try:
+        prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+        [embeddings] = judge.runtime.embed_images([prompt])
+        if isinstance(embeddings, Exception):
+            raise embeddings
+        if spec.role == "reference":
+            (cache / "vision").mkdir(exist_ok=True)
+            np.save(cache / "vision" / f"{key}.npy", np.asarray(embeddings, dtype=np.float32))
+            row["tokens"] = int(embeddings.shape[0])
+        else:
+            reference = np.load(Path(spec.reference_cache) / "vision" / f"{key}.npy", allow_pickle=False)
+            row.update(vision_parity(reference, embeddings))
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
 
 
 def _groups(indices: list[int], records) -> list[list[int]]:

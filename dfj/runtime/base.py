@@ -1,13 +1,14 @@
 """The runtime contract every backend implements, in tokens and batch-first.
 
 A runtime receives prepared prompts (`Prompt`: the image, fitted to the judge's grid, and token ids
-with the image block as one `<|image_pad|>`) and offers two calls over a list of them: greedy
-generation and scoring of forced continuations. Each call answers one result or one exception per
+with the image block as one `<|image_pad|>`) and offers three calls over a list of them: greedy
+generation, scoring of forced continuations, and the image embeddings it feeds the language model
+(which `dfj bench` compares with the reference's, so damage to the vision tower shows). Each call answers one result or one exception per
 prompt, in order, so one bad prompt never loses the others. What a runtime may reuse between prompts
 (image encodings, the KV state of a shared token prefix) it keys by pixels and token ids and keeps
 to itself. Prompts, the chat layout, parsing and records live in `dfj.judge`, once for every runtime.
 
-A new runtime implements five methods: `load`, `tokenize`, `decode`, `generate`, `score`.
+A new runtime implements six methods: `load`, `tokenize`, `decode`, `generate`, `score`, `embed_images`.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ class Runtime(ABC):
     @abstractmethod
     def score(self, prompts: Sequence[Prompt], scorings: Sequence[Scoring]) -> list[Result]:
         """`Scores` of each (prompt, scoring) pair; an exception in the place of a pair that failed."""
+
+    @abstractmethod
+    def embed_images(self, prompts: Sequence[Prompt]) -> list[Result]:
+        """The embeddings of each prompt's image as the language model receives them: a float32 array
+        (image tokens, hidden size), the rows in the order of the prompt's image tokens; an exception
+        in the place of a prompt that failed."""
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name}

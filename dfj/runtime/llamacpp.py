@@ -300,13 +300,17 @@ class LlamaCppRuntime(Runtime):
             self._embeddings.popitem(last=False)
         return embeddings
 
-    def image_embeddings(self, prepared: Prompt) -> np.ndarray:
-        """(image tokens, hidden) mmproj output for a prepared prompt's image (tests compare it)."""
-        prompt = self._prompt(prepared)
-        try:
-            return self._encode(prompt).copy()
-        finally:
-            self.mtmd.mtmd_input_chunks_free(prompt.chunks)
+    def embed_images(self, prompts: Sequence[Prompt]) -> list:
+        from dfj.runtime.base import each
+
+        def embed(prepared: Prompt) -> np.ndarray:
+            prompt = self._prompt(prepared)
+            try:
+                return self._encode(prompt).copy()
+            finally:
+                self.mtmd.mtmd_input_chunks_free(prompt.chunks)
+
+        return each(list(prompts), embed)
 
     # -- KV sequences ----------------------------------------------------------------------------------
     def _shared(self, prompt: _Prompt, common: list[int]) -> int:

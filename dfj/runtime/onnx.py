@@ -163,6 +163,11 @@ class OnnxRuntime(Runtime):
                                      np.asarray(logits_index) - start, past)
         return logits, cache, mask.numpy(), int(positions.max()) + 1
 
+    def embed_images(self, prompts) -> list:
+        from dfj.runtime.base import each
+
+        return each(list(prompts), lambda p: self._image_embeds(self.chat.encode_ids(p.image, p.ids))[0].astype(np.float32))
+
     def _image_embeds(self, inputs) -> tuple[np.ndarray, str]:
         import hashlib
 

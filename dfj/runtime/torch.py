@@ -98,6 +98,16 @@ class TorchRuntime(Runtime):
         return out
 
     @torch.inference_mode()
+    def embed_images(self, prompts) -> list:
+        from dfj.runtime.base import each
+
+        def embed(prompt):
+            features, _ = self.cached._image_features(self.encode_ids(prompt.image, prompt.ids))
+            return features.float().cpu().numpy()
+
+        return each(list(prompts), embed)
+
+    @torch.inference_mode()
     def reference_generate(self, prompt, max_new_tokens: int) -> list[int]:
         """transformers' own `generate` on one prompt, no caches: the DFJ reference scripts' path, the
         baseline of `dfj.bench.speed` and of the tests of the cached path."""
