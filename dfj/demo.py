@@ -1,34 +1,48 @@
 """`dfj demo`: the whole path on a fresh machine, offline.
 
 Uses the trained tiny DFJ judges (pointwise and pairwise LoRA adapters on a small Qwen2.5-VL trained
-here on a synthetic DFJ-like task; trained once per machine and cached), exports each judge in every
-lossless format, quantizes those with every method dfj has, and runs `dfj bench` on held-out test records against the reference (base +
-adapter, unmerged): quality against the gold labels, verdict agreement, logit parity and cost.
+here on a synthetic DFJ-like task; trained once per machine and cached), merges each judge once,
+exports every other format from that merge, quantizes with every method dfj has, and runs `dfj bench`
+on held-out test records against the reference (base + adapter, unmerged): quality against the gold
+labels, verdict agreement, logit and image-embedding parity, and cost.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from dfj.report import bench_progress, console
 
-# (artifact name, format, options, lossless, input): every export and quantization path dfj has. An
-# artifact with an input is quantized from that artifact (`dfj quant`), the rest are exported from the
-# adapter. A lossless artifact must pass the bench gate for the demo to succeed; a lossy one shows its
-# measured gate result.
-DEMO_ARTIFACTS: tuple[tuple[str, str, dict, bool, str | None], ...] = (
-    ("merged-fp32", "none", {"dtype": "float32"}, True, None),
-    ("merged-bf16", "none", {"dtype": "bfloat16"}, False, None),
-    ("onnx-fp32", "onnx-fp32", {}, True, None),
-    ("onnx-int8", "onnx-int8", {}, False, "onnx-fp32"),
-    ("onnx-int4", "onnx-int4", {}, False, "onnx-fp32"),
-    ("gptq-4bit", "gptq-4bit", {"samples": 128}, False, "merged-fp32"),  # calibrated on the judge's training split
-    ("gguf-f32", "gguf-f32", {}, True, None),
-    ("gguf-f16", "gguf-f16", {}, False, None),
-    ("gguf-q8_0", "gguf-q8_0", {}, False, "gguf-f16"),
-    ("gguf-q4_k_m", "gguf-q4_k_m", {}, False, "gguf-f16"),
+@dataclass(frozen=True)
+class DemoArtifact:
+    """One artifact the demo builds: `dfj export` (from `source`) or `dfj quant` (of `source`)."""
+
+    name: str
+    stage: Literal["export", "quant"]
+    format: str  # dfj export --quant / dfj quant --method
+    source: str | None  # another demo artifact's name; None: the trained adapter
+    lossless: bool = False  # must pass the bench gate for the demo to succeed
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+# Every export and quantization path dfj has. The adapter is merged once (merged-fp32); every other
+# format is exported from that merge, and quantized from its lossless (or, for GGUF, f16) artifact, as
+# a user would chain `dfj export` and `dfj quant`. A lossy artifact shows its measured gate result.
+DEMO_ARTIFACTS: tuple[DemoArtifact, ...] = (
+    DemoArtifact("merged-fp32", "export", "none", None, lossless=True, options=(("dtype", "float32"),)),
+    DemoArtifact("merged-bf16", "export", "none", "merged-fp32", options=(("dtype", "bfloat16"),)),
+    DemoArtifact("onnx-fp32", "export", "onnx-fp32", "merged-fp32", lossless=True),
+    DemoArtifact("onnx-int8", "quant", "onnx-int8", "onnx-fp32"),
+    DemoArtifact("onnx-int4", "quant", "onnx-int4", "onnx-fp32"),
+    DemoArtifact("gptq-4bit", "quant", "gptq-4bit", "merged-fp32", options=(("samples", 128),)),  # calibrated on the training split
+    DemoArtifact("gguf-f32", "export", "gguf-f32", "merged-fp32", lossless=True),
+    DemoArtifact("gguf-f16", "export", "gguf-f16", "merged-fp32"),
+    DemoArtifact("gguf-q8_0", "quant", "gguf-q8_0", "gguf-f16"),
+    DemoArtifact("gguf-q4_k_m", "quant", "gguf-q4_k_m", "gguf-f16"),
 )
 
 
@@ -36,7 +50,7 @@ def run_demo(cache: Path | None = None, records: int = 40) -> bool:
     from dfj.bench.report import print_report
     from dfj.bench.run import BenchJudge, default_runtime, run_bench
     from dfj.export import export
-    from dfj.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify
+    from dfj.manifest import verify
     from dfj.quant import quantize
     from dfj.tiny import default_cache, trained_tiny_judge, trained_tiny_split
 
@@ -48,32 +62,28 @@ def run_demo(cache: Path | None = None, records: int = 40) -> bool:
     for mode in ("pointwise", "pairwise"):
         adapter = trained_tiny_judge(mode)
         artifacts = []
-        for name, quant, options, _, input_name in DEMO_ARTIFACTS:
-            out = root / mode / name
-            manifest = read_manifest(out) if out.is_dir() else None
-            if input_name is None:
-                wanted = {"adapter_sha256": _sha(adapter), **{k: v for k, v in options.items() if k == "dtype"}}
-            else:
-                wanted = {"manifest_sha256": sha256_file(root / mode / input_name / MANIFEST_NAME)}
-            current = manifest is not None and manifest.quant == quant and all(
-                manifest.source.get(k) == v for k, v in wanted.items())
-            if not current:
-                if input_name is None:
-                    console.print(f"[bold]{mode}[/bold]: exporting {name} (--quant {quant}) -> {out}")
-                    export(adapter, out, quant, overwrite=True, **options)
+        for item in DEMO_ARTIFACTS:
+            out = root / mode / item.name
+            source = adapter if item.source is None else root / mode / item.source
+            options = dict(item.options)
+            if not _current(out, item, source):
+                verb = "exporting" if item.stage == "export" else "quantizing"
+                console.print(f"[bold]{mode}[/bold]: {verb} {source.name} -> {item.name} ({item.format}) -> {out}")
+                if item.stage == "export":
+                    export(source, out, item.format, overwrite=True, **options)
                 else:
-                    console.print(f"[bold]{mode}[/bold]: quantizing {input_name} -> {name} (--method {quant}) -> {out}")
-                    extra = {"calibration": trained_tiny_split(mode, "train")} if quant.startswith("gptq") else {}
-                    quantize(root / mode / input_name, out, quant, overwrite=True, **options, **extra)
+                    if item.format.startswith("gptq"):
+                        options["calibration"] = trained_tiny_split(mode, "train")
+                    quantize(source, out, item.format, overwrite=True, **options)
             verify(out)
-            artifacts.append(BenchJudge(str(out), default_runtime(str(out)), label=name))
+            artifacts.append(BenchJudge(str(out), default_runtime(str(out)), label=item.name))
         with bench_progress() as progress:
             report = run_bench(BenchJudge(str(adapter), "torch", label="reference (base+LoRA)"), artifacts,
                                trained_tiny_split(mode, "test"), root / mode / "bench", limit=records,
                                progress=progress)
         print_report(report)
         console.print(f"report: {root / mode / 'bench' / 'report.md'}")
-        lossless = {name for name, _, _, exact, _ in DEMO_ARTIFACTS if exact}
+        lossless = {item.name for item in DEMO_ARTIFACTS if item.lossless}
         passed &= all(entry["passed"] for entry in report["artifacts"] if entry["name"] in lossless)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s: "
                   + ("[green]the lossless artifacts match the reference; lossy ones are measured above[/green]"
@@ -81,8 +91,18 @@ def run_demo(cache: Path | None = None, records: int = 40) -> bool:
     return passed
 
 
-def _sha(adapter: Path) -> str:
+def _current(out: Path, item: DemoArtifact, source: Path) -> bool:
+    """Whether `out` was built as `item` from `source` as it is now (the adapter by its weights' hash, an
+    artifact by its manifest's), so a rerun rebuilds only what changed."""
     from dfj.hf import ADAPTER_WEIGHTS
-    from dfj.manifest import sha256_file
+    from dfj.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
-    return sha256_file(Path(adapter) / ADAPTER_WEIGHTS)
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None or manifest.quant != item.format:
+        return False
+    if item.source is None:
+        wanted = {"adapter_sha256": sha256_file(source / ADAPTER_WEIGHTS)}
+    else:
+        wanted = {"manifest_sha256": sha256_file(source / MANIFEST_NAME)}
+    wanted.update({k: v for k, v in item.options if k == "dtype"})
+    return all(manifest.source.get(k) == v for k, v in wanted.items())
