@@ -13,9 +13,10 @@ import inspect
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+ExportFormat = Literal["none", "onnx-fp32", "gguf-f32", "gguf-f16"]
+FORMATS: dict[ExportFormat, tuple[str, dict[str, Any]]] = {
     "none": ("dfj.export.lora_merge:export_merged", {}),
     "onnx-fp32": ("dfj.export.onnx:export_onnx", {"quant": "fp32"}),
     "gguf-f32": ("dfj.export.gguf:export_gguf", {"quant": "f32"}),
@@ -26,6 +27,9 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 SHORTCUT_INPUT = {"gguf": ("gguf-f16", {}), "onnx": ("onnx-fp32", {}), "gptq": ("none", {"dtype": "float32"})}
 # Options that belong to the quantization stage, not the export.
 QUANT_OPTIONS = ("calibration", "samples", "group_size")
+
+
+assert tuple(FORMATS) == get_args(ExportFormat)
 
 
 def all_formats() -> list[str]:
@@ -76,4 +80,4 @@ def merge(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> 
     return export(source, out, "none", **options)
 
 
-__all__ = ["FORMATS", "all_formats", "export", "merge"]
+__all__ = ["FORMATS", "ExportFormat", "all_formats", "export", "merge"]

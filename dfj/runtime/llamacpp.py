@@ -165,20 +165,19 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "LlamaCppRuntime":
-        """Options: `limits` (PixelLimits), `context` (positions, default 8,192), `threads`, `normalizer`
-        (the Unicode normalisation of the source tokenizer; default: as the manifest records)."""
-        unknown = set(options) - {"limits", "context", "threads", "normalizer"}
-        if unknown:
-            raise ValueError(f"unknown llama.cpp runtime options: {', '.join(sorted(unknown))}")
+        """Options: `dfj.runtime.options.LlamaCppOptions` (`limits`, `context` positions (default 8,192),
+        `threads`, `normalizer`: the source tokenizer's Unicode normalisation, default as the manifest records)."""
+        from dfj.runtime.options import LlamaCppOptions
+
+        opts = LlamaCppOptions.parse("llama.cpp", options)
         if dtype not in (None, "float32", "fp32", "auto"):
             raise ValueError(f"a GGUF artifact runs in the precision it was exported with; dtype={dtype!r} is not available")
         folder = Path(source.path)
         if not (folder / TEXT_FILE).is_file() or not (folder / MMPROJ_FILE).is_file():
             raise ValueError(f"{source.name} is not a dfj GGUF artifact ({TEXT_FILE} + {MMPROJ_FILE}); "
                              "export one with --quant gguf-f16")
-        return cls(folder, options.get("limits") or source.limits, device=device,
-                   context=options.get("context") or DEFAULT_CONTEXT, threads=options.get("threads"),
-                   normalizer=options.get("normalizer", "manifest"))
+        return cls(folder, opts.limits or source.limits, device=device, context=opts.context or DEFAULT_CONTEXT,
+                   threads=opts.threads, normalizer=opts.normalizer)
 
     def close(self) -> None:
         """Free the native objects now (they are also freed when the runtime is collected)."""

@@ -87,15 +87,15 @@ class OnnxRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "OnnxRuntime":
-        """Options: `limits` (PixelLimits; default: as the manifest records)."""
-        unknown = set(options) - {"limits"}
-        if unknown:
-            raise ValueError(f"unknown ONNX runtime options: {', '.join(sorted(unknown))}")
+        """Options: `dfj.runtime.options.RuntimeOptions` (`limits`)."""
+        from dfj.runtime.options import RuntimeOptions
+
+        limits = RuntimeOptions.parse("ONNX", options).limits
         if dtype not in (None, "float32", "fp32"):
             raise ValueError(f"an ONNX artifact runs in the precision it was exported with; dtype={dtype!r} is not available")
         if not (Path(source.path) / "onnx.json").is_file():
             raise ValueError(f"{source.name} is not a dfj ONNX artifact (no onnx.json); export one with --quant onnx-fp32")
-        return cls._open(Path(source.path), device=device, limits=options.get("limits") or source.limits)
+        return cls._open(Path(source.path), device=device, limits=limits or source.limits)
 
     @classmethod
     def _open(cls, folder: Path, device: str, limits: PixelLimits) -> "OnnxRuntime":

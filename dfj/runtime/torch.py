@@ -36,12 +36,12 @@ class TorchRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Source, device: str = "cpu", dtype: str | None = None, **options: Any) -> "TorchRuntime":
-        """Options: `limits` (PixelLimits; default: as the manifest records)."""
+        """Options: `dfj.runtime.options.RuntimeOptions` (`limits`)."""
         from transformers import AutoProcessor
 
-        unknown = set(options) - {"limits"}
-        if unknown:
-            raise ValueError(f"unknown torch runtime options: {', '.join(sorted(unknown))}")
+        from dfj.runtime.options import RuntimeOptions
+
+        limits = RuntimeOptions.parse("torch", options).limits
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
         torch_dtype = hf.torch_dtype(dtype, device)
@@ -55,7 +55,7 @@ class TorchRuntime(Runtime):
                 model = hf.load_model(source.path, dtype=torch_dtype, device=device)
                 processor_dir = source.path
             processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
-        limits = options.get("limits") or source.limits
+        limits = limits or source.limits
         return cls(model, processor, device, limits)
 
     # -- inputs ---------------------------------------------------------------------------------

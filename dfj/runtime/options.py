@@ -1,0 +1,52 @@
+"""What `dfj.load_judge(..., **options)` may pass to each runtime, typed (importable without torch).
+
+An option a runtime does not take is an error that names it and lists the ones it takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping, TypeVar, get_args
+
+from dfj.images import PixelLimits
+
+# The Unicode normalisation llama.cpp's tokenizer lacks and the runtime applies: "manifest" reads the
+# source tokenizer's from the artifact (Qwen2.5: NFC); None applies none.
+Normalizer = Literal["manifest", "NFC", "NFKC", "NFD", "NFKD"]
+
+T = TypeVar("T", bound="RuntimeOptions")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Every runtime's options: the image pixel limits (default: as the artifact's manifest records)."""
+
+    limits: PixelLimits | None = None
+
+    def __post_init__(self) -> None:
+        if self.limits is not None and not isinstance(self.limits, PixelLimits):
+            raise ValueError(f"limits must be a dfj.images.PixelLimits, not {type(self.limits).__name__}")
+
+    @classmethod
+    def parse(cls: type[T], runtime: str, given: Mapping[str, Any]) -> T:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {runtime} runtime options: {', '.join(unknown)} (it takes {', '.join(names)})")
+        return cls(**given)
+
+
+@dataclass(frozen=True)
+class LlamaCppOptions(RuntimeOptions):
+    context: int | None = None  # KV positions (default: the runtime's DEFAULT_CONTEXT)
+    threads: int | None = None  # CPU threads (default: llama.cpp's)
+    normalizer: Normalizer | None = "manifest"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("context", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if self.normalizer is not None and self.normalizer not in get_args(Normalizer):
+            raise ValueError(f"normalizer must be one of {', '.join(get_args(Normalizer))} or None, not {self.normalizer!r}")

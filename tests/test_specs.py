@@ -1,0 +1,50 @@
+"""Typed specifications: runtime options and quantization specs are dataclasses with Literal choices,
+importable without torch; an unknown option or a bad value is an error that names it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def test_the_specifications_import_without_torch():
+    code = ("import sys; import dfj.runtime.options, dfj.quant, dfj.tolerances, dfj.export, dfj.judge; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'llama_cpp') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_an_unknown_runtime_option_is_named_with_the_ones_it_takes():
+    from dfj.runtime.options import LlamaCppOptions, RuntimeOptions
+
+    with pytest.raises(ValueError, match=r"unknown torch runtime options: colour, size \(it takes limits\)"):
+        RuntimeOptions.parse("torch", {"colour": "blue", "size": 3})
+    with pytest.raises(ValueError, match="it takes limits, context, threads, normalizer"):
+        LlamaCppOptions.parse("llama.cpp", {"ctx": 4096})
+    assert LlamaCppOptions.parse("llama.cpp", {"context": 4096}).context == 4096
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"context": 0}, "context must be a positive integer"),
+    ({"threads": "4"}, "threads must be a positive integer"),
+    ({"normalizer": "NFX"}, "normalizer must be one of manifest, NFC"),
+    ({"limits": (3136, 1003520)}, "limits must be a dfj.images.PixelLimits"),
+])
+def test_a_bad_runtime_option_value_is_refused(given, message):
+    from dfj.runtime.options import LlamaCppOptions
+
+    with pytest.raises(ValueError, match=message):
+        LlamaCppOptions.parse("llama.cpp", given)
+
+
+def test_a_quantization_spec_refuses_unknown_methods_and_misplaced_calibration(tmp_path):
+    from dfj.quant import QuantSpec
+
+    with pytest.raises(ValueError, match="unknown quantization method 'gguf-q3_k'"):
+        QuantSpec("gguf-q3_k")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gguf-q8_0 takes no calibration"):
+        QuantSpec("gguf-q8_0", calibration=tmp_path)
+    assert QuantSpec("gptq-4bit", calibration=tmp_path).level == "4bit"
