@@ -84,7 +84,7 @@ def judge(
     if as_json:
         typer.echo(json.dumps({"mode": j.mode, **verdict.to_dict()}, ensure_ascii=False))
         return
-    from dfj.report import print_verdict
+    from dfj.console import print_verdict
 
     print_verdict(j.mode, verdict)
     if verdict.error:
@@ -93,7 +93,7 @@ def judge(
 
 def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool, **options: bool) -> None:
     from dfj.batch import judge_jsonl
-    from dfj.report import progress_bar
+    from dfj.console import progress_bar
 
     with progress_bar(f"judging ({j.mode})") as progress:
         summary = judge_jsonl(j, source, out, resume=resume, overwrite=force, progress=progress, **options)
@@ -152,7 +152,7 @@ def quant(
 
 def _print_artifact(path: Path) -> None:
     from dfj.manifest import read_manifest
-    from dfj.report import print_manifest
+    from dfj.console import print_manifest
 
     print_manifest(path, read_manifest(path))
 
@@ -176,7 +176,7 @@ def bench(
     """Quality, parity and cost of exported judges against a reference; exit 1 if any is out of tolerance."""
     from dfj.bench.report import print_report
     from dfj.bench.run import BenchError, BenchJudge, default_runtime, parse_tolerance, run_bench
-    from dfj.report import bench_progress
+    from dfj.console import bench_progress
 
     try:
         gate = parse_tolerance(tolerance)
@@ -205,7 +205,7 @@ def info(
 ) -> None:
     """Show an artifact's manifest; with --verify, check its files."""
     from dfj.manifest import ArtifactError, read_manifest, verify as verify_files
-    from dfj.report import print_manifest
+    from dfj.console import print_manifest
 
     try:
         manifest = read_manifest(artifact)

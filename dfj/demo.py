@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dfj.report import bench_progress, console
+from dfj.console import bench_progress, console
 
 @dataclass(frozen=True)
 class DemoArtifact:

@@ -128,7 +128,7 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from dfj.report import console
+    from dfj.console import console
 
     data = report["data"]
     from rich import box
