@@ -108,7 +108,7 @@ def run(spec: WorkerSpec) -> None:
                 sink.write((json.dumps(row) + "\n").encode())
                 sink.flush()
         stats["peak_rss_mb"] = peak_rss_mb()
-    elif (cache / STATS).is_file():  # all cached: keep the cost measured by the run that judged
+    if not todo and (cache / STATS).is_file():  # verdicts all cached: keep the cost of the run that judged
         stats = {**json.loads((cache / STATS).read_text(encoding="utf-8")), "judged_this_run": 0}
     (cache / STATS).write_text(json.dumps(stats), encoding="utf-8")
 
