@@ -83,3 +83,16 @@ def test_the_core_never_imports_the_tiny_judges():
     assert users <= TINY_USERS, users - TINY_USERS
     tiny_needs = {e for name, edges in graph.items() if name.startswith("dfj.tiny") for e in edges}
     assert not tiny_needs & TINY_USERS, "dfj.tiny depends on a module that uses it"
+
+
+def test_the_readme_module_table_names_every_module_and_only_real_ones():
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## What is here"):readme.index("## Python API")]
+    named = set(re.findall(r"`(dfj/[^`]*)`", table))
+    assert named and all((PACKAGE.parent / path).exists() for path in named), [p for p in named if not (PACKAGE.parent / p).exists()]
+    folders = [path for path in named if path.endswith("/")]
+    modules = [path.relative_to(PACKAGE.parent).as_posix() for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"]
+    unlisted = [m for m in modules if m not in named and not any(m.startswith(folder) for folder in folders)]
+    assert not unlisted, unlisted
