@@ -146,18 +146,19 @@ def parse_record(obj: dict[str, Any], root: Path, line: int = 0) -> Record:
     return PairwiseRecord(line=line, **fields)
 
 
-def resolve_image(value: Any, root: Path) -> str:
-    """A relative image path inside the split folder -> absolute path; refuse escapes and non-files."""
+def resolve_image(value: Any, root: Path, within: str = "the split folder") -> str:
+    """A relative image path inside `root` (the split folder) -> absolute path; refuse escapes and
+    non-files. `within` names the root in messages."""
     if not isinstance(value, str) or not value.strip():
         raise RecordProblem(f"image must be a non-empty path string, got {value!r}")
     if "\x00" in value:
         raise RecordProblem("image path contains a NUL byte")
     candidate = Path(value)
     if candidate.is_absolute():
-        raise RecordProblem(f"image path {value!r} is absolute; paths must be relative to the split")
+        raise RecordProblem(f"image path {value!r} is absolute; paths must be relative to {within}")
     resolved = (root / candidate).resolve()  # follows symlinks: a link out of the split is an escape
     if not resolved.is_relative_to(root):
-        raise RecordProblem(f"image path {value!r} escapes the split folder")
+        raise RecordProblem(f"image path {value!r} escapes {within}")
     if not resolved.exists():
         raise RecordProblem(f"image not found: {value}")
     if not resolved.is_file():

@@ -34,11 +34,14 @@ GROUP_SIZE = 10
 
 
 @dataclass
-class _Prepared:
-    """One record ready for the runtime: its prompt (and, for a swap check, the prompt with A and B swapped)."""
+class Prepared:
+    """One record ready for the runtime: its prompt (and, for a swap check, the prompt with A and B
+    swapped). Records with equal `group` (same image and label) may run as one group: one runtime call
+    that encodes the image and the shared prompt head once."""
 
     prompt: Prompt
     swapped: Prompt | None = None
+    group: tuple[str, str] = ("", "")
 
 
 @dataclass
@@ -130,32 +133,23 @@ class Judge:
         as soon as they are complete, so only one group's images are held at a time."""
         items = list(records)
         verdicts: list[PointwiseVerdict | PairwiseVerdict | None] = [None] * len(items)
-        group: list[tuple[int, _Prepared]] = []
-        group_key = None
+        group: list[tuple[int, Prepared]] = []
 
         def run_group() -> None:
-            prepared = [p for _, p in group]
-            try:
-                results = (self._pointwise(prepared, expected_score) if self.mode == "pointwise"
-                           else self._pairwise(prepared))
-            except Exception as exc:  # the group could not run at all: every record in it says why
-                results = [exc] * len(group)
+            results = self.run_group([p for _, p in group], expected_score=expected_score)
             for (index, _), result in zip(group, results):
-                verdicts[index] = (self._failed(index, items[index], _error_text(result))
+                verdicts[index] = (self._failed(index, items[index], error_text(result))
                                    if isinstance(result, Exception) else result)
             group.clear()
 
         for index, record in enumerate(items):
             try:
-                rec = record_from_mapping(record, self.mode)
-                prepared = self._prepare(rec.image, rec.label, rec.responses(), swap_check)
+                prepared = self.prepare(record, swap_check=swap_check)
             except Exception as exc:
-                verdicts[index] = self._failed(index, record, _error_text(exc))
+                verdicts[index] = self._failed(index, record, error_text(exc))
             else:
-                key = (rec.image if isinstance(rec.image, str) else prepared.prompt.image_key, rec.label.strip().lower())
-                if group and (key != group_key or len(group) >= GROUP_SIZE):
+                if group and (prepared.group != group[-1][1].group or len(group) >= GROUP_SIZE):
                     run_group()
-                group_key = key
                 group.append((index, prepared))
             if progress:
                 progress(index + 1 - len(group), len(items))
@@ -165,15 +159,35 @@ class Judge:
             progress(len(items), len(items))
         return verdicts  # type: ignore[return-value]
 
+    # -- the batch-first path in two steps (dfj.serve queues prepared records from many requests) -------
+    def prepare(self, record: Any, *, swap_check: bool = False) -> Prepared:
+        """A record (dfj record or mapping; its image a path, bytes or PIL image) as token ids and a
+        fitted image, checked: a ValueError names what is wrong with it."""
+        rec = record_from_mapping(record, self.mode)
+        prepared = self._prepare(rec.image, rec.label, rec.responses(), swap_check)
+        image = rec.image if isinstance(rec.image, str) else prepared.prompt.image_key
+        prepared.group = (image, rec.label.strip().lower())
+        return prepared
+
+    def run_group(self, group: list[Prepared], *, expected_score: bool = False) -> list[PointwiseVerdict | PairwiseVerdict | Exception]:
+        """Verdicts of prepared records in one runtime call (records of one `group` key share its image
+        encoding and prompt head; others are correct too, only slower); an exception in the place of a
+        record that could not run. Never raises for the records' sake."""
+        try:
+            return (self._pointwise(group, expected_score) if self.mode == "pointwise"
+                    else self._pairwise(group))
+        except Exception as exc:  # the group could not run at all: every record in it says why
+            return [exc] * len(group)
+
     # -- one group, one runtime call -----------------------------------------------------------------
-    def _pointwise(self, group: list[_Prepared], expected_score: bool) -> list[Any]:
+    def _pointwise(self, group: list[Prepared], expected_score: bool) -> list[Any]:
         outputs = self.runtime.generate([p.prompt for p in group], self.new_token_limit, stop="</score>")
         verdicts = [out if isinstance(out, Exception) else parse_pointwise(self.runtime.decode(out)) for out in outputs]
         if expected_score:
             self._add_expected_scores(group, verdicts)
         return verdicts
 
-    def _add_expected_scores(self, group: list[_Prepared], verdicts: list[Any]) -> None:
+    def _add_expected_scores(self, group: list[Prepared], verdicts: list[Any]) -> None:
         todo = []
         for prepared, verdict in zip(group, verdicts):
             if isinstance(verdict, PointwiseVerdict) and verdict.ok:
@@ -187,12 +201,12 @@ class Judge:
                                     [Scoring(tuple(forced), tokens=tuple(tokens)) for _, _, (forced, _, tokens) in todo])
         for (verdict, _, (_, at, _)), result in zip(todo, scores):
             if isinstance(result, Exception):
-                verdict.error = f"expected score: {_error_text(result)}"
+                verdict.error = f"expected score: {error_text(result)}"
                 continue
             probabilities = np.exp(result.tokens[at].astype(np.float64))
             verdict.expected_score = float((probabilities * np.arange(1, 6)).sum() / probabilities.sum())
 
-    def _pairwise(self, group: list[_Prepared]) -> list[Any]:
+    def _pairwise(self, group: list[Prepared]) -> list[Any]:
         prompts_ = [p.prompt for p in group] + [p.swapped for p in group if p.swapped is not None]
         if self.pairwise == "answer":
             forced, at, tokens = self._answer_plan()
@@ -235,7 +249,7 @@ class Judge:
         return failure(self.mode, f"line {line}: {message}" if line else f"record {index}: {message}")
 
     # -- shared preparation --------------------------------------------------------------------
-    def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...], swap_check: bool = False) -> _Prepared:
+    def _prepare(self, image: ImageInput, label: str, responses: tuple[str, ...], swap_check: bool = False) -> Prepared:
         """The record as token ids: the chat template's text with its control tokens, the prompt (label
         and responses) as plain text; its head is the chat up to the first response."""
         prompt = prompts.render(self.mode, label, *responses)
@@ -248,7 +262,7 @@ class Judge:
         swapped = None
         if swap_check and self.mode == "pairwise":
             swapped = self._prompt(pil, prompts.render(self.mode, label, responses[1], responses[0]), label)
-        return _Prepared(first, swapped)
+        return Prepared(first, swapped)
 
     def _prompt(self, pil, prompt: str, label: str) -> Prompt:
         tokenize = self.runtime.tokenize
@@ -309,7 +323,7 @@ def _pairwise_verdict(answer: np.ndarray) -> PairwiseVerdict:
     return PairwiseVerdict(choice=choice, text=f"<answer>{choice}</answer>", p_a=share)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """Bad input says what is wrong; anything else also says what kind of failure it was."""
     return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
 
