@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("judge", "export", "quant", "bench", "info", "demo")
+COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "demo")
 
 
 def _fail(message: str) -> None:
@@ -223,6 +223,40 @@ def info(
         print_manifest(artifact, manifest)
     if verify:
         typer.secho(f"verified: {len(manifest.files)} files match dfj.json", fg=typer.colors.GREEN)
+
+
+@app.command()
+def serve(
+    artifact: str = typer.Argument(..., help="The judge to serve: judge folder, adapter folder or dfj artifact."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Other than loopback needs --api-key-file."),
+    port: int = typer.Option(8731, "--port", help="TCP port."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File whose first line is the key clients send as 'Authorization: Bearer KEY' (at least 16 characters)."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting for the judge; more are answered 503 with Retry-After."),
+    max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest request body; larger is answered 413 unread."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds a request may wait for its verdict; later it is answered 504 (and dropped if still queued)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Allow 'image_path' fields, resolved inside this folder (default: images only inline)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Most items in one batch request."),
+    runtime: Optional[str] = typer.Option(None, help="Runtime: torch, onnx or llamacpp (default: what the artifact's format needs)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
+    pairwise: str = typer.Option("answer", "--pairwise", help="Pairwise method: answer or generate (see dfj judge)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+) -> None:
+    """Serve one judge over HTTP: /health, /v1/info, /v1/score, /v1/compare (and /batch forms),
+    /v1/chat/completions, /metrics. Loopback only unless given an API key."""
+    from dfj.serve import ServeConfig, ServeError, serve as run_service
+
+    try:
+        config = ServeConfig(artifact, host=host, port=port, api_key_file=api_key_file, max_queue=max_queue,
+                             max_body_mb=max_body_mb, timeout_s=timeout, image_root=image_root, max_batch=max_batch,
+                             runtime=runtime, device=device, dtype=dtype, pairwise=pairwise)  # type: ignore[arg-type]
+        config.api_key()  # an unreadable or short key stops the start, before the model loads
+        status = run_service(config, log_level=log_level)
+    except (ServeError, ImportError) as exc:
+        _fail(str(exc))
+        return
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()

@@ -28,6 +28,8 @@ PROMPT_TOKENIZATION = "template-control-tokens; prompt-as-plain-text"
 
 # The reference decoding limits (DeepfakeJudge inference scripts).
 MAX_NEW_TOKENS = {"pointwise": 512, "pairwise": 128}
+# The Qwen2.5-VL chat template's system turn when a chat has none (the DFJ judges were trained so).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 @lru_cache(maxsize=None)

@@ -100,6 +100,12 @@ def test_chat_layout_matches_reference_template():
     )
 
 
+def test_the_default_system_prompt_is_the_one_the_chat_template_writes():
+    messages = [{"role": "user", "content": "x"}]
+    chat = prompts._compiled_chat_template().render(messages=messages, add_generation_prompt=False)
+    assert chat.startswith(f"<|im_start|>system\n{prompts.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+
+
 @pytest.mark.slow
 def test_chat_layout_matches_the_processor(tiny):
     from transformers import AutoProcessor

@@ -1,0 +1,468 @@
+"""`dfj serve` as its clients see it: a real uvicorn process on a free loopback port, serving a trained
+tiny judge, driven with real HTTP clients (httpx, the `openai` client, raw sockets).
+
+Two services per run, shared by the tests: a pointwise one with an API key, an image root and a queue
+of 8, and a pairwise one with no key and an 8 s deadline. Each is stopped when its tests are done, and
+dies with the test process if that dies first.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+httpx = pytest.importorskip("httpx", reason="the test extra installs httpx")
+
+KEY = "dfj-test-key-0123456789abcdef"
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Service:
+    """One `dfj serve` process and a client for it."""
+
+    def __init__(self, artifact: Path, folder: Path, *args: str, key: str | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = key
+        command = [sys.executable, "-m", "dfj.cli", "serve", str(artifact), "--port", str(self.port), "--log-level", "warning", *args]
+        if key:
+            (folder / "key").write_text(key + "\n")
+            (folder / "key").chmod(0o600)
+            command += ["--api-key-file", str(folder / "key")]
+        self.log = folder / "serve.log"
+        self.proc = subprocess.Popen(command, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
+        self.health_seen: list[int] = []
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=self.auth())
+
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dfj serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                status = httpx.get(self.url + "/health", timeout=5).status_code
+                self.health_seen.append(status)
+                if status == 200:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"dfj serve not ready in {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include `labels`."""
+        total = 0.0
+        for line in self.client.get("/metrics").text.splitlines():
+            match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+            if match is None or match[1] != name:
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(match[3])
+        return total
+
+
+def _records(mode: str, n: int) -> list[dict]:
+    from dfj.data import read_split
+    from dfj.tiny import trained_tiny_split
+
+    out = []
+    for record in read_split(trained_tiny_split(mode)).records[:n]:
+        fields = {"label": record.label}
+        fields.update({"response": record.response} if mode == "pointwise"
+                      else {"response_a": record.response_a, "response_b": record.response_b})
+        out.append({"path": record.image, "fields": fields})
+    return out
+
+
+def _inline(record: dict) -> dict:
+    return {"image": base64.b64encode(Path(record["path"]).read_bytes()).decode(), **record["fields"]}
+
+
+def _expected(judge, record: dict, **options) -> dict:
+    fields = record["fields"]
+    if judge.mode == "pointwise":
+        return judge.score(record["path"], fields["label"], fields["response"], **options).to_dict()
+    return judge.compare(record["path"], fields["label"], fields["response_a"], fields["response_b"], **options).to_dict()
+
+
+@pytest.fixture(scope="module")
+def corpus(module_dir):
+    from bad_inputs import build_corpus
+
+    return build_corpus(module_dir("serve-corpus"))
+
+
+@pytest.fixture(scope="module")
+def pointwise_service(module_dir, corpus):
+    from dfj.tiny import trained_tiny_judge
+
+    service = Service(trained_tiny_judge("pointwise"), module_dir("serve-pointwise"), "--max-queue", "8",
+                      "--image-root", str(corpus), key=KEY)
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def pairwise_service(module_dir):
+    from dfj.tiny import trained_tiny_judge
+
+    service = Service(trained_tiny_judge("pairwise"), module_dir("serve-pairwise"), "--timeout", "8")
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def local(judges):
+    from dfj.tiny import trained_tiny_judge
+
+    return lambda mode: judges(trained_tiny_judge(mode))
+
+
+# -- health, info -------------------------------------------------------------------------------------
+def test_health_is_503_while_the_judge_loads_then_200_with_what_is_served(pointwise_service):
+    assert 503 in pointwise_service.health_seen and pointwise_service.health_seen[-1] == 200
+    assert pointwise_service.health_seen.index(200) > pointwise_service.health_seen.index(503)
+    body = httpx.get(pointwise_service.url + "/health").json()  # open to callers without the key
+    assert body == {"status": "ok", "mode": "pointwise", "runtime": "torch", "format": "adapter", "quant": "none"}
+
+
+def test_info_summarises_the_artifact_and_the_service(pointwise_service):
+    from dfj import prompts
+
+    info = pointwise_service.client.get("/v1/info").json()
+    assert info["mode"] == "pointwise" and info["format"] == "adapter"
+    assert info["prompt_template_sha256"] == prompts.template_sha256("pointwise")
+    assert info["pixels"]["max_pixels"] > info["pixels"]["min_pixels"] > 0
+    assert info["service"] == {"max_queue": 8, "max_body_mb": 20.0, "timeout_s": 120.0, "max_batch": 64,
+                               "image_paths": True, "api_key": True}
+
+
+# -- verdicts equal the in-process Judge's ----------------------------------------------------------------
+def test_pointwise_verdicts_over_http_equal_the_in_process_judge(pointwise_service, local):
+    judge = local("pointwise")
+    for record in _records("pointwise", 3):
+        answer = pointwise_service.client.post("/v1/score", json={**_inline(record), "expected_score": True})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == _expected(judge, record, expected_score=True)
+
+
+def test_pairwise_verdicts_over_http_equal_the_in_process_judge(pairwise_service, local):
+    judge = local("pairwise")
+    for record in _records("pairwise", 3):
+        answer = pairwise_service.client.post("/v1/compare", json={**_inline(record), "swap_check": True})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == _expected(judge, record, swap_check=True)
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_a_batch_answers_one_verdict_per_item_in_order_and_a_bad_item_gets_its_error(mode, pointwise_service,
+                                                                                     pairwise_service, local):
+    service = pointwise_service if mode == "pointwise" else pairwise_service
+    records = _records(mode, 4)
+    items = [_inline(r) for r in records]
+    items.insert(2, {**items[0], "label": "genuine"})
+    items.insert(4, {**items[0], "image": "not base64!"})
+    route = "/v1/score/batch" if mode == "pointwise" else "/v1/compare/batch"
+    answer = service.client.post(route, json={"items": items})
+    assert answer.status_code == 200, answer.text
+    verdicts = answer.json()["verdicts"]
+    assert len(verdicts) == len(items)
+    assert "record 2: unknown label 'genuine'" in verdicts[2]["error"]
+    assert verdicts[4]["error"] == "record 4: 'image' is not valid base64"
+    good = [v for i, v in enumerate(verdicts) if i not in (2, 4)]
+    assert good == [_expected(local(mode), r) for r in records]
+
+
+def test_the_openai_client_gets_the_judges_text_from_chat_completions(pointwise_service, local):
+    openai = pytest.importorskip("openai")
+    from dfj import prompts
+
+    client = openai.OpenAI(base_url=pointwise_service.url + "/v1", api_key=KEY, max_retries=0)
+    record = _records("pointwise", 1)[0]
+    data = base64.b64encode(Path(record["path"]).read_bytes()).decode()
+    text = prompts.render_pointwise(record["fields"]["label"], record["fields"]["response"])
+    reply = client.chat.completions.create(model="dfj-judge", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+        {"type": "text", "text": text}]}])
+    assert reply.choices[0].message.content == _expected(local("pointwise"), record)["text"]
+    assert reply.choices[0].finish_reason == "stop" and reply.model == "dfj-judge"
+    with pytest.raises(openai.UnprocessableEntityError, match="not the DFJ pointwise prompt"):
+        client.chat.completions.create(model="dfj-judge", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+            {"type": "text", "text": "Is this image fake? Answer with <score>5</score>."}]}])
+    with pytest.raises(openai.UnprocessableEntityError, match="fetches nothing"):
+        client.chat.completions.create(model="dfj-judge", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}},
+            {"type": "text", "text": text}]}])
+
+
+def test_pairwise_chat_completions_answer_the_judges_verdict(pairwise_service, local):
+    from dfj import prompts
+
+    record = _records("pairwise", 1)[0]
+    data = base64.b64encode(Path(record["path"]).read_bytes()).decode()
+    fields = record["fields"]
+    text = prompts.render_pairwise(fields["label"], fields["response_a"], fields["response_b"])
+    answer = pairwise_service.client.post("/v1/chat/completions", json={"model": "x", "messages": [
+        {"role": "system", "content": prompts.DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}},
+                                     {"type": "text", "text": text}]}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == _expected(local("pairwise"), record)["text"]
+
+
+# -- bounded -------------------------------------------------------------------------------------------
+def test_64_concurrent_requests_against_a_queue_of_8_get_200_or_503_and_every_200_is_right(pointwise_service, local):
+    judge = local("pointwise")
+    records = _records("pointwise", 4)
+    expected = [_expected(judge, r) for r in records]
+    bodies = [_inline(r) for r in records]
+    errors_before = pointwise_service.metric("dfj_records_total", outcome="runtime_error")
+
+    def call(i: int):
+        with httpx.Client(base_url=pointwise_service.url, timeout=120, headers=pointwise_service.auth()) as client:
+            answer = client.post("/v1/score", json=bodies[i % 4])
+            return i, answer.status_code, answer.headers.get("retry-after"), answer.json()
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(call, range(64)))
+    statuses = [status for _, status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 8 and statuses.count(503) >= 1, statuses
+    for i, status, retry_after, body in results:
+        if status == 200:
+            assert body == expected[i % 4]
+        else:
+            assert int(retry_after) >= 1 and body["error"]["code"] == 503
+    assert pointwise_service.metric("dfj_records_total", outcome="runtime_error") == errors_before
+    assert pointwise_service.client.post("/v1/score", json=bodies[0]).json() == expected[0]
+
+
+def test_a_client_that_leaves_while_queued_is_never_judged(pointwise_service):
+    service = pointwise_service
+    records = _records("pointwise", 10)
+    batch = {"items": [_inline(r) for r in records]}
+    judged_before = sum(service.metric("dfj_records_total", outcome=o) for o in ("verdict", "unparsed"))
+    left_before = service.metric("dfj_abandoned_records_total", reason="disconnected", stage="queued")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(service.client.post, "/v1/score/batch", json=batch)
+        while service.metric("dfj_in_flight_records") == 0:
+            time.sleep(0.02)
+        body = json.dumps(_inline(records[0])).encode()
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            sock.sendall(b"POST /v1/score HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                         + f"authorization: Bearer {KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+            while service.metric("dfj_queue_depth") == 0:
+                time.sleep(0.02)
+        assert running.result().status_code == 200
+    for _ in range(100):
+        if service.metric("dfj_abandoned_records_total", reason="disconnected", stage="queued") > left_before:
+            break
+        time.sleep(0.05)
+    assert service.metric("dfj_abandoned_records_total", reason="disconnected", stage="queued") == left_before + 1
+    judged = sum(service.metric("dfj_records_total", outcome=o) for o in ("verdict", "unparsed"))
+    assert judged == judged_before + len(records)  # the batch's records, not the one whose client left
+    assert service.metric("dfj_queue_depth") == 0
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_service_goes_on(pairwise_service, local):
+    service = pairwise_service
+    records = _records("pairwise", 10)
+    slow = {"items": [_inline(r) for r in records] * 6, "swap_check": True}  # well over the 8 s deadline
+    before = service.metric("dfj_abandoned_records_total", reason="deadline", stage="queued")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(service.client.post, "/v1/compare/batch", json=slow)
+        while service.metric("dfj_in_flight_records") == 0:
+            time.sleep(0.02)
+        queued = pool.submit(service.client.post, "/v1/compare", json=_inline(records[0]))
+        assert queued.result().status_code == 504
+        assert first.result().status_code == 504
+    assert service.metric("dfj_abandoned_records_total", reason="deadline", stage="queued") == before + 1
+    assert service.metric("dfj_abandoned_records_total", reason="deadline", stage="running") > 0
+    answer = service.client.post("/v1/compare", json=_inline(records[1]))
+    assert answer.status_code == 200 and answer.json() == _expected(local("pairwise"), records[1])
+
+
+def test_a_100_mb_body_is_refused_unread(pointwise_service):
+    service = pointwise_service
+    peak_before = _peak_rss_mb(service.proc.pid)
+    with socket.create_connection(("127.0.0.1", service.port)) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                     + f"authorization: Bearer {KEY}\r\ncontent-length: {100 << 20}\r\n\r\n".encode() + b"{" * 4096)
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    # Chunked, no declared length: cut off at the cap, not read to the end.
+    sent = 0
+    chunk = b"0" * (1 << 20)
+    with socket.create_connection(("127.0.0.1", service.port)) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                     + f"authorization: Bearer {KEY}\r\ntransfer-encoding: chunked\r\n\r\n".encode())
+        with contextlib.suppress(OSError):
+            while sent < 100 << 20:
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sent += len(chunk)
+        sock.settimeout(10)
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert sent < 100 << 20
+    assert _peak_rss_mb(service.proc.pid) - peak_before < 80  # the 20 MB cap read at most, copies included
+    assert service.metric("dfj_rejected_requests_total", reason="body_too_large") >= 2
+    assert service.client.get("/health").status_code == 200
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def _corpus_request(case, corpus: Path) -> bytes:
+    """The corpus line as a /v1/score body: its image path as `image_path` under the image root."""
+    raw = _corpus_lines(corpus)[case.name]
+    try:
+        obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return raw
+    if isinstance(obj, dict) and "image" in obj:
+        obj["image_path"] = obj.pop("image")
+    return json.dumps(obj).encode()
+
+
+def _corpus_lines(corpus: Path) -> dict[str, bytes]:
+    from bad_inputs import CASES
+
+    lines = (corpus / "data.jsonl").read_bytes().split(b"\n")
+    return {case.name: line for case, line in zip(CASES, lines)}
+
+
+# The record reached the library's checks: the answer carries the library's own message.
+LIBRARY_CHECKED = ("zero_byte", "truncated_png", "truncated_jpeg", "corrupt_png", "text_as_png", "pdf_as_jpeg",
+                   "bomb_huge", "bomb_over_guard", "aspect_300", "missing_image", "image_is_directory", "absolute_path", "nul_in_path", "image_wrong_type", "unknown_label",
+                   "label_wrong_type", "empty_response", "whitespace_response", "huge_response", "nul_response")
+
+
+def test_the_bad_input_corpus_over_http_is_answered_4xx_or_judged_and_the_service_goes_on(pointwise_service, corpus, local):
+    from bad_inputs import CASES, ERROR
+
+    service = pointwise_service
+    outcomes = {}
+    for case in CASES:
+        answer = service.client.post("/v1/score", content=_corpus_request(case, corpus),
+                                     headers={"content-type": "application/json"})
+        outcomes[case.name] = answer
+        assert answer.status_code in (200, 413, 422), (case.name, answer.status_code, answer.text)
+        body = answer.json()
+        if case.expect[0] == ERROR:
+            assert answer.status_code != 200, (case.name, body)
+            if case.name in LIBRARY_CHECKED:
+                assert case.expect[1] in body["error"]["message"], (case.name, body)
+        else:
+            assert answer.status_code in (200, 422), (case.name, body)
+            if answer.status_code == 200:
+                assert body["text"], (case.name, body)
+    judged = [c.name for c in CASES if outcomes[c.name].status_code == 200]
+    assert len(judged) >= 15, judged  # the accepted image kinds, tags, forged turn, placeholders, BOM, CRLF
+    record = _records("pointwise", 1)[0]
+    assert service.client.post("/v1/score", json=_inline(record)).json() == _expected(local("pointwise"), record)
+
+
+def test_image_paths_stay_inside_the_image_root(pointwise_service, corpus, tmp_path):
+    (corpus.parent / "outside.png").write_bytes(b"x")
+    for path, message in [("../outside.png", "escapes the image root"), ("images/link.png", "escapes the image root"),
+                          ("/etc/passwd", "is absolute"), ("images/../../outside.png", "escapes the image root")]:
+        answer = pointwise_service.client.post("/v1/score", json={"image_path": path, "label": "fake", "response": "r"})
+        assert answer.status_code == 422 and message in answer.json()["error"]["message"], (path, answer.text)
+
+
+def test_image_paths_are_refused_without_an_image_root(pairwise_service):
+    answer = pairwise_service.client.post("/v1/compare", json={"image_path": "a.png", "label": "fake",
+                                                               "response_a": "a", "response_b": "b"})
+    assert answer.status_code == 422 and "started without --image-root" in answer.json()["error"]["message"]
+
+
+# -- safe by default -------------------------------------------------------------------------------------
+def test_a_wrong_or_missing_key_is_401(pointwise_service):
+    record = _inline(_records("pointwise", 1)[0])
+    for headers in ({}, {"authorization": "Bearer wrong-key-0123456789"}, {"authorization": f"Basic {KEY}"},
+                    {"x-api-key": KEY[:-1]}):
+        answer = httpx.post(pointwise_service.url + "/v1/score", json=record, headers=headers)
+        assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(pointwise_service.url + "/metrics").status_code == 401
+    assert httpx.post(pointwise_service.url + "/v1/score", json=record, headers={"x-api-key": KEY}).status_code == 200
+
+
+def test_a_browser_page_cannot_use_the_service(pairwise_service):
+    record = _inline(_records("pairwise", 1)[0])
+    # A cross-origin form post (no preflight) is text/plain: refused. No CORS headers are ever sent.
+    answer = pairwise_service.client.post("/v1/compare", content=json.dumps(record), headers={
+        "content-type": "text/plain", "origin": "https://evil.example"})
+    assert answer.status_code == 415 and "access-control-allow-origin" not in answer.headers
+    preflight = pairwise_service.client.options("/v1/compare", headers={
+        "origin": "https://evil.example", "access-control-request-method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    # A page whose DNS name was rebound to 127.0.0.1 sends its own Host: refused.
+    rebound = pairwise_service.client.post("/v1/compare", json=record, headers={"host": "evil.example:8731"})
+    assert rebound.status_code == 421
+
+
+def test_a_non_loopback_address_without_a_key_refuses_to_start(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dfj.cli", "serve", str(tmp_path), "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in proc.stderr and "--api-key-file" in proc.stderr
+
+
+def test_metrics_count_requests_by_route_and_status(pointwise_service):
+    service = pointwise_service
+    before = service.metric("dfj_requests_total", route="/v1/score", status="422")
+    service.client.post("/v1/score", json={"label": "fake"})
+    text = service.client.get("/metrics").text
+    assert service.metric("dfj_requests_total", route="/v1/score", status="422") == before + 1
+    for name in ("dfj_queue_depth", "dfj_in_flight_records", "dfj_request_seconds_bucket", "dfj_records_total",
+                 "dfj_abandoned_records_total", "dfj_ready 1.0"):
+        assert name in text
