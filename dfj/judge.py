@@ -19,7 +19,7 @@ from dfj.images import PATCH_FACTOR, ImageInput, check_image, fit_to_grid, load_
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
 from dfj.runtime import Runtime
-from dfj.runtime.base import IMAGE_PAD, Prompt, Scoring
+from dfj.runtime.base import IMAGE_PAD, Cancel, Prompt, Scoring, check_cancel
 from dfj.verdicts import PairwiseVerdict, PointwiseVerdict, failure
 
 Progress = Callable[[int, int], None]
@@ -169,19 +169,22 @@ class Judge:
         prepared.group = (image, rec.label.strip().lower())
         return prepared
 
-    def run_group(self, group: list[Prepared], *, expected_score: bool = False) -> list[PointwiseVerdict | PairwiseVerdict | Exception]:
+    def run_group(self, group: list[Prepared], *, expected_score: bool = False,
+                  cancel: Cancel | None = None) -> list[PointwiseVerdict | PairwiseVerdict | Exception]:
         """Verdicts of prepared records in one runtime call (records of one `group` key share its image
         encoding and prompt head; others are correct too, only slower); an exception in the place of a
-        record that could not run. Never raises for the records' sake."""
+        record that could not run. `cancel` is polled while generating: once true, the records not yet
+        finished get `Cancelled`. Never raises for the records' sake."""
         try:
-            return (self._pointwise(group, expected_score) if self.mode == "pointwise"
-                    else self._pairwise(group))
+            check_cancel(cancel)
+            return (self._pointwise(group, expected_score, cancel) if self.mode == "pointwise"
+                    else self._pairwise(group, cancel))
         except Exception as exc:  # the group could not run at all: every record in it says why
             return [exc] * len(group)
 
     # -- one group, one runtime call -----------------------------------------------------------------
-    def _pointwise(self, group: list[Prepared], expected_score: bool) -> list[Any]:
-        outputs = self.runtime.generate([p.prompt for p in group], self.new_token_limit, stop="</score>")
+    def _pointwise(self, group: list[Prepared], expected_score: bool, cancel: Cancel | None = None) -> list[Any]:
+        outputs = self.runtime.generate([p.prompt for p in group], self.new_token_limit, stop="</score>", cancel=cancel)
         verdicts = [out if isinstance(out, Exception) else parse_pointwise(self.runtime.decode(out)) for out in outputs]
         if expected_score:
             self._add_expected_scores(group, verdicts)
@@ -206,14 +209,14 @@ class Judge:
             probabilities = np.exp(result.tokens[at].astype(np.float64))
             verdict.expected_score = float((probabilities * np.arange(1, 6)).sum() / probabilities.sum())
 
-    def _pairwise(self, group: list[Prepared]) -> list[Any]:
+    def _pairwise(self, group: list[Prepared], cancel: Cancel | None = None) -> list[Any]:
         prompts_ = [p.prompt for p in group] + [p.swapped for p in group if p.swapped is not None]
         if self.pairwise == "answer":
             forced, at, tokens = self._answer_plan()
             results = self.runtime.score(prompts_, [Scoring(tuple(forced), tokens=tuple(tokens))] * len(prompts_))
             verdicts = [r if isinstance(r, Exception) else _pairwise_verdict(r.tokens[at]) for r in results]
         else:
-            outputs = self.runtime.generate(prompts_, self.new_token_limit, stop="</answer>")
+            outputs = self.runtime.generate(prompts_, self.new_token_limit, stop="</answer>", cancel=cancel)
             verdicts = [o if isinstance(o, Exception) else parse_pairwise(self.runtime.decode(o)) for o in outputs]
         swapped = iter(verdicts[len(group):])
         for prepared, verdict in zip(group, verdicts):

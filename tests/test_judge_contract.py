@@ -36,7 +36,7 @@ class ScriptedRuntime(Runtime):
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
-    def generate(self, prompts_, max_new_tokens, stop=None):
+    def generate(self, prompts_, max_new_tokens, stop=None, cancel=None):
         self.calls.append(("generate", list(prompts_), max_new_tokens))
         results = []
         for _ in prompts_:

@@ -56,6 +56,30 @@ def test_every_runtime_loads_and_judges_through_the_contract(artifacts):
         assert np.abs(rows - reference).max() <= 1e-3 * np.abs(reference).max(), name
 
 
+def test_every_runtime_stops_generating_once_cancelled(artifacts):
+    from dfj.runtime import RUNTIME_FOR_FORMAT, RUNTIMES
+    from dfj.runtime.base import Cancelled
+
+    image = Image.new("RGB", (56, 84), (120, 30, 200))
+    for name in RUNTIMES:
+        fmt = next(f for f, runtime in RUNTIME_FOR_FORMAT.items() if runtime == name and f in artifacts)
+        judge = dfj.load_judge(str(artifacts[fmt]), runtime=name)
+        prompts = [judge.prepare({"image": image, "label": "fake", "response_a": a, "response_b": "b"}).prompt
+                   for a in ("one", "two")]
+        polls: list[int] = []
+
+        def cancel() -> bool:
+            polls.append(1)
+            return len(polls) > 3
+
+        results = judge.runtime.generate(prompts, 40, cancel=cancel)
+        assert all(isinstance(r, Cancelled) for r in results), (name, results)
+        assert len(polls) <= 4 + len(prompts), (name, len(polls))  # stopped at once, nothing rerun
+        finished = judge.runtime.generate(prompts[:1], 3, cancel=lambda: False)
+        assert isinstance(finished[0], list) and len(finished[0]) <= 3, (name, finished)
+        judge.runtime.close()
+
+
 def test_every_runtime_refuses_options_it_does_not_have(artifacts):
     for path in artifacts.values():
         with pytest.raises(ValueError, match="unknown .* options: colour"):

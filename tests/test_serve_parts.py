@@ -181,11 +181,14 @@ class RecordingJudge:
             raise ValueError("response is empty")
         return SimpleNamespace(response=record["response"], group=(record["image"], record["label"]))
 
-    def run_group(self, group, *, expected_score=False):
+    def run_group(self, group, *, expected_score=False, cancel=None):
+        from dfj.runtime.base import Cancelled
         from dfj.verdicts import PointwiseVerdict
 
-        self.gate.wait(10)
         self.calls.append([p.response for p in group])
+        while not self.gate.wait(0.01):  # "generating": polls cancel as a runtime does between steps
+            if cancel():
+                return [Cancelled() for _ in group]
         return [PointwiseVerdict(score=3, reasoning=p.response, text=p.response) for p in group]
 
 
@@ -256,3 +259,39 @@ def test_a_batch_with_bad_records_runs_the_good_ones_in_groups_of_its_images():
     assert judge.calls == [["a1", "a2"], ["b1"], ["a3"]]
     assert [getattr(o, "text", str(o)) for o in outcome] == ["a1", "a2", "response is empty", "record 3: broken", "b1", "a3"]
     assert isinstance(outcome[2], BadInput)
+
+
+def test_a_running_group_stops_once_every_request_it_serves_is_given_up():
+    from dfj.serve.metrics import Metrics
+    from dfj.serve.scheduler import Scheduler, Work
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        judge = RecordingJudge()
+        metrics = Metrics()
+        scheduler = Scheduler(4, metrics)
+        scheduler.start(lambda: judge, lambda message: None)
+        works = [Work([_item(f"r{i}")], Options(), deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
+                 for i in range(2)]
+        blocker = Work([_item("block", b"x")], Options(), deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
+        scheduler.submit(blocker)
+        while blocker.state != "running":
+            await asyncio.sleep(0.01)
+        for work in works:
+            scheduler.submit(work)
+        scheduler.abandon(blocker, "disconnected")  # blocker's group was alone: it stops
+        while works[0].state != "running":
+            await asyncio.sleep(0.01)
+        scheduler.abandon(works[0], "deadline")
+        await asyncio.sleep(0.2)
+        assert not works[1].future.done()  # one of the group's requests still waits: it goes on
+        judge.gate.set()
+        outcome = await works[1].future
+        scheduler.stop()
+        return judge, metrics, outcome
+
+    judge, metrics, outcome = asyncio.run(scenario())
+    assert judge.calls == [["block"], ["r0", "r1"]]
+    assert [o.text for o in outcome] == ["r1"]
+    assert metrics.abandoned.labels("disconnected", "running")._value.get() == 1
+    assert metrics.records.labels("verdict")._value.get() == 2  # r0 was judged with r1, its answer unread

@@ -102,6 +102,19 @@ class Scores:
 
 
 Result = Any  # list[int] (generate) or Scores (score), or the Exception that item raised
+Cancel = Callable[[], bool]  # polled by `generate` between decode steps: True means nobody waits any more
+
+
+class Cancelled(Exception):
+    """The caller gave up on a generation (`cancel()` turned true): the result of each prompt it stopped."""
+
+    def __init__(self) -> None:
+        super().__init__("cancelled: nobody waits for this verdict any more")
+
+
+def check_cancel(cancel: Cancel | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled()
 
 
 class Runtime(ABC):
@@ -127,9 +140,12 @@ class Runtime(ABC):
         """Text of generated ids, special tokens removed."""
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, stop: str | None = None) -> list[Result]:
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, stop: str | None = None,
+                 cancel: Cancel | None = None) -> list[Result]:
         """Greedy continuation ids of each prompt (end-of-turn token not included), ending early once
-        the decoded text ends with `stop`; an exception in the place of a prompt that failed."""
+        the decoded text ends with `stop`; an exception in the place of a prompt that failed. `cancel`,
+        when given, is polled before each prefill and decode step: once it is true, every prompt not yet
+        finished gets `Cancelled` in its place and no more work is done for it."""
 
     @abstractmethod
     def score(self, prompts: Sequence[Prompt], scorings: Sequence[Scoring]) -> list[Result]:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from dfj.images import PixelLimits, fit_to_grid
-from dfj.runtime.base import Prompt, Runtime, Scores, Scoring, image_block
+from dfj.runtime.base import Cancelled, Prompt, Runtime, Scores, Scoring, check_cancel, image_block
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
@@ -410,6 +410,9 @@ class LlamaCppRuntime(Runtime):
                     part = indices[start:start + SEQUENCES]
                     try:
                         outputs = work([built[i] for i in part], part)
+                    except Cancelled as exc:
+                        self._state = None
+                        outputs = [exc] * len(part)
                     except Exception:  # e.g. no KV room for the whole group: one at a time, failures in place
                         self._state = None
                         outputs = []
@@ -426,13 +429,14 @@ class LlamaCppRuntime(Runtime):
                 self.mtmd.mtmd_input_chunks_free(prompt.chunks)
         return results
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, stop: str | None = None) -> list:
-        return self._grouped(list(prompts), lambda group, _: self._generate_group(group, max_new_tokens, stop))
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, stop: str | None = None, cancel=None) -> list:
+        return self._grouped(list(prompts), lambda group, _: self._generate_group(group, max_new_tokens, stop, cancel))
 
-    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, stop: str | None) -> list:
+    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, stop: str | None, cancel=None) -> list:
         """Greedy decoding of the group's sequences, every unfinished one advanced in each decode step
         (decoding on a CPU reads all weights per step: more rows cost little)."""
         try:
+            check_cancel(cancel)
             logits, base = self._run_group(group, [[] for _ in group], [[len(p.tail) - 1] for p in group])
             last = [row[-1] for row in logits]
             position = [base + len(p.tail) for p in group]
@@ -440,6 +444,7 @@ class LlamaCppRuntime(Runtime):
             results: list = [None] * len(group)
             started = time.perf_counter()
             while True:
+                check_cancel(cancel)
                 entries = []
                 for j in range(len(group)):
                     if results[j] is not None:

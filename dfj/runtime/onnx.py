@@ -212,10 +212,10 @@ class OnnxRuntime(Runtime):
         return outputs[0], outputs[1:]
 
     # -- work ------------------------------------------------------------------------------------
-    def generate(self, prompts, max_new_tokens: int, stop: str | None = None) -> list:
+    def generate(self, prompts, max_new_tokens: int, stop: str | None = None, cancel=None) -> list:
         from dfj.runtime.base import each
 
-        return each(prompts, lambda prompt: self._greedy(prompt, max_new_tokens, stop))
+        return each(prompts, lambda prompt: self._greedy(prompt, max_new_tokens, stop, cancel))
 
     def score(self, prompts, scorings) -> list:
         from dfj.runtime.base import each
@@ -224,10 +224,14 @@ class OnnxRuntime(Runtime):
             raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
         return each(list(zip(prompts, scorings)), lambda pair: self._scores(*pair))
 
-    def _greedy(self, prompt, max_new_tokens: int, stop: str | None) -> list[int]:
+    def _greedy(self, prompt, max_new_tokens: int, stop: str | None, cancel=None) -> list[int]:
+        from dfj.runtime.base import check_cancel
+
+        check_cancel(cancel)
         logits, cache, mask, position = self._prefill(prompt, [], None)
         generated: list[int] = []
         while True:
+            check_cancel(cancel)
             token = int(np.argmax(logits[0, -1]))
             if token in self.eos_ids:
                 break

@@ -82,8 +82,8 @@ class TorchRuntime(Runtime):
     def seconds(self) -> dict[str, float]:
         return self.cached.seconds
 
-    def generate(self, prompts, max_new_tokens: int, stop: str | None = None) -> list:
-        return self.cached.generate_many(list(prompts), max_new_tokens, self.eos_ids, stop)
+    def generate(self, prompts, max_new_tokens: int, stop: str | None = None, cancel=None) -> list:
+        return self.cached.generate_many(list(prompts), max_new_tokens, self.eos_ids, stop, cancel)
 
     def score(self, prompts, scorings) -> list:
         from dfj.runtime.base import Scores

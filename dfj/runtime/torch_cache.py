@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dfj.runtime.base import Cancelled, check_cancel
+
 VISION_ENTRIES = 16
 PREFIX_ENTRIES = 4
 
@@ -129,7 +131,9 @@ class CachedForward:
         index = torch.arange(prompt_length - 1 - start, prompt_length - 1 - start + n, device=hidden.device)
         return self._head(hidden[0, index])
 
-    def _generate(self, prompt: _Prompt, max_new_tokens: int, eos_ids: list[int], stop: str | None) -> list[int]:
+    def _generate(self, prompt: _Prompt, max_new_tokens: int, eos_ids: list[int], stop: str | None,
+                  cancel=None) -> list[int]:
+        check_cancel(cancel)
         cache = self._state(prompt)
         started = time.perf_counter()
         hidden = self._run(prompt.embeds[:, prompt.prefix:], prompt.positions[:, :, prompt.prefix:], cache)
@@ -139,6 +143,7 @@ class CachedForward:
         position = int(prompt.positions.max()) + 1
         generated: list[int] = []
         while len(generated) < max_new_tokens:
+            check_cancel(cancel)
             token = int(logits[0].argmax())
             if token in eos_ids:
                 break
@@ -153,7 +158,8 @@ class CachedForward:
         return generated
 
     @torch.inference_mode()
-    def generate_many(self, prepared: list, max_new_tokens: int, eos_ids: list[int], stop: str | None = None) -> list:
+    def generate_many(self, prepared: list, max_new_tokens: int, eos_ids: list[int], stop: str | None = None,
+                      cancel=None) -> list:
         """Greedy outputs for several prompts; prompts that share image and head decode together in one
         batch: a decode step costs about the same for 1 row as for 5 on a CPU, where reading the weights
         dominates. A group that fails runs again one prompt at a time, failures in place."""
@@ -162,12 +168,15 @@ class CachedForward:
         outputs: list = [None] * len(prepared)
         for indices in groups_by_head(prepared):
             try:
+                check_cancel(cancel)
                 built = [self._prompt(prepared[i], []) for i in indices]
-                results = (self._generate_group(built, max_new_tokens, eos_ids, stop) if len(built) > 1
-                           else [self._generate(built[0], max_new_tokens, eos_ids, stop)])
+                results = (self._generate_group(built, max_new_tokens, eos_ids, stop, cancel) if len(built) > 1
+                           else [self._generate(built[0], max_new_tokens, eos_ids, stop, cancel)])
+            except Cancelled as exc:
+                results = [exc] * len(indices)
             except Exception:  # e.g. out of memory for the batch, or one bad prompt
                 results = each([prepared[i] for i in indices],
-                               lambda p: self._generate(self._prompt(p, []), max_new_tokens, eos_ids, stop))
+                               lambda p: self._generate(self._prompt(p, []), max_new_tokens, eos_ids, stop, cancel))
             for index, result in zip(indices, results):
                 outputs[index] = result
         return outputs
@@ -223,7 +232,8 @@ class CachedForward:
         self.seconds["prefill"] += time.perf_counter() - started
         return out.last_hidden_state, cache, mask, lengths
 
-    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, eos_ids: list[int], stop: str | None):
+    def _generate_group(self, group: list[_Prompt], max_new_tokens: int, eos_ids: list[int], stop: str | None,
+                        cancel=None):
         rows = len(group)
         device = group[0].embeds.device
         hidden, cache, mask, lengths = self._padded_suffixes(group)
@@ -234,6 +244,7 @@ class CachedForward:
         generated: list[list[int]] = [[] for _ in group]
         done = [False] * rows
         while not all(done):
+            check_cancel(cancel)
             tokens = logits.argmax(-1).tolist()
             for row, token in enumerate(tokens):
                 if done[row]:

@@ -2,7 +2,8 @@
 
 - Bounded: `submit` refuses once `max_queue` requests wait (the route answers 503 with Retry-After).
 - Nothing runs for nobody: a request given up while queued (its client left, or its deadline passed)
-  is taken out of the queue and never run; one given up while its batch runs stops at the next group.
+  is taken out of the queue and never run; once every request a running group serves is given up,
+  generation stops at its next decode step, and a batch's later groups are skipped.
 - Batch-first: single-record requests queued for the same image, label and options are taken
   together and judged as one group (one runtime call, the image encoded once), as a batch request's
   records are; every record still gets its own outcome.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dfj.judge import GROUP_SIZE, Judge, error_text
+from dfj.runtime.base import Cancelled
 from dfj.serve.inputs import BadInput, Item, Options
 from dfj.serve.metrics import Metrics
 
@@ -179,10 +181,17 @@ class Scheduler:
                 if work.abandoned is not None:
                     self.metrics.abandoned.labels(work.abandoned, "running").inc()
             if live:
-                results = judge.run_group([p for _, _, p in live], expected_score=live[0][0].options.expected_score)
+                owners = {id(work): work for work, _, _ in live}.values()
+                # Stops mid-generation once every request this group serves has been given up.
+                cancel = lambda: all(w.abandoned is not None for w in owners)  # noqa: E731
+                results = judge.run_group([p for _, _, p in live], expected_score=live[0][0].options.expected_score,
+                                          cancel=cancel)
                 for (work, index, _), result in zip(live, results):
+                    if isinstance(result, Cancelled):
+                        self.metrics.abandoned.labels(work.abandoned or "deadline", "running").inc()
+                        continue
                     outcomes[id(work)][index] = Failure(error_text(result)) if isinstance(result, Exception) else result
-                judged += len(live)
+                    judged += 1
             chunk.clear()
 
         for entry in pending:
