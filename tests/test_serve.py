@@ -76,6 +76,17 @@ class Service:
             time.sleep(0.05)
         raise AssertionError(f"dfj serve not ready in {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
 
+    def __enter__(self) -> "Service":
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.client.close()
         self.proc.send_signal(signal.SIGINT)
@@ -133,25 +144,17 @@ def corpus(module_dir):
 def pointwise_service(module_dir, corpus):
     from dfj.tiny import trained_tiny_judge
 
-    service = Service(trained_tiny_judge("pointwise"), module_dir("serve-pointwise"), "--max-queue", "8",
-                      "--image-root", str(corpus), key=KEY)
-    try:
-        service.wait_ready()
+    with Service(trained_tiny_judge("pointwise"), module_dir("serve-pointwise"), "--max-queue", "8",
+                 "--image-root", str(corpus), key=KEY) as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
 def pairwise_service(module_dir):
     from dfj.tiny import trained_tiny_judge
 
-    service = Service(trained_tiny_judge("pairwise"), module_dir("serve-pairwise"), "--timeout", "8")
-    try:
-        service.wait_ready()
+    with Service(trained_tiny_judge("pairwise"), module_dir("serve-pairwise"), "--timeout", "8") as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +184,14 @@ def test_info_summarises_the_artifact_and_the_service(pointwise_service):
 
 
 # -- verdicts equal the in-process Judge's ----------------------------------------------------------------
-def test_pointwise_verdicts_over_http_equal_the_in_process_judge(pointwise_service, local):
-    judge = local("pointwise")
-    for record in _records("pointwise", 3):
-        answer = pointwise_service.client.post("/v1/score", json={**_inline(record), "expected_score": True})
+@pytest.mark.parametrize("mode, route, option", [("pointwise", "/v1/score", "expected_score"),
+                                                 ("pairwise", "/v1/compare", "swap_check")])
+def test_verdicts_over_http_equal_the_in_process_judge(mode, route, option, pointwise_service, pairwise_service, local):
+    service = pointwise_service if mode == "pointwise" else pairwise_service
+    for record in _records(mode, 3):
+        answer = service.client.post(route, json={**_inline(record), option: True})
         assert answer.status_code == 200, answer.text
-        assert answer.json() == _expected(judge, record, expected_score=True)
-
-
-def test_pairwise_verdicts_over_http_equal_the_in_process_judge(pairwise_service, local):
-    judge = local("pairwise")
-    for record in _records("pairwise", 3):
-        answer = pairwise_service.client.post("/v1/compare", json={**_inline(record), "swap_check": True})
-        assert answer.status_code == 200, answer.text
-        assert answer.json() == _expected(judge, record, swap_check=True)
+        assert answer.json() == _expected(local(mode), record, **{option: True})
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])

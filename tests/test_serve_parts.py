@@ -196,33 +196,42 @@ def _item(response: str, image: bytes = PNG, label: str = "fake") -> Item:
     return Item({"image": image, "label": label, "response": response}, (str(hash(image)), label))
 
 
-def test_the_scheduler_groups_queued_requests_and_never_runs_abandoned_ones():
+def _started(judge: RecordingJudge, max_queue: int = 4):
     from dfj.serve.metrics import Metrics
-    from dfj.serve.scheduler import QueueFull, Scheduler, Work
+    from dfj.serve.scheduler import Scheduler
+
+    metrics = Metrics()
+    scheduler = Scheduler(max_queue, metrics)
+    scheduler.start(lambda: judge, lambda message: None)
+    assert scheduler.ready.wait(5)
+    return scheduler, metrics
+
+
+def _work(*items, options: Options = Options()):
+    from dfj.serve.scheduler import Work
+
+    loop = asyncio.get_running_loop()
+    return Work(list(items), options, deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
+
+
+def test_the_scheduler_groups_queued_requests_and_never_runs_abandoned_ones():
+    from dfj.serve.scheduler import QueueFull
 
     async def scenario():
-        loop = asyncio.get_running_loop()
         judge = RecordingJudge()
-        metrics = Metrics()
-        scheduler = Scheduler(4, metrics)
-        scheduler.start(lambda: judge, lambda message: None)
-        scheduler.ready.wait(5)
-
-        def work(*items, options=Options()):
-            return Work(list(items), options, deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
-
-        blocker = work(_item("first", b"other"))
+        scheduler, metrics = _started(judge)
+        blocker = _work(_item("first", b"other"))
         scheduler.submit(blocker)
         while blocker.state != "running":
             await asyncio.sleep(0.01)
-        same = [work(_item(f"same {i}")) for i in range(2)]
-        left = work(_item("left"))
-        other_label = work(_item("real one", label="real"))
+        same = [_work(_item(f"same {i}")) for i in range(2)]
+        left = _work(_item("left"))
+        other_label = _work(_item("real one", label="real"))
         for w in (same[0], left, same[1]):
             scheduler.submit(w)
         scheduler.submit(other_label)
         with pytest.raises(QueueFull) as full:
-            scheduler.submit(work(_item("one too many")))
+            scheduler.submit(_work(_item("one too many")))
         assert full.value.retry_after >= 1
         scheduler.abandon(left, "disconnected")
         judge.gate.set()
@@ -239,17 +248,11 @@ def test_the_scheduler_groups_queued_requests_and_never_runs_abandoned_ones():
 
 
 def test_a_batch_with_bad_records_runs_the_good_ones_in_groups_of_its_images():
-    from dfj.serve.metrics import Metrics
-    from dfj.serve.scheduler import Scheduler, Work
-
     async def scenario():
-        loop = asyncio.get_running_loop()
         judge = RecordingJudge()
         judge.gate.set()
-        scheduler = Scheduler(4, Metrics())
-        scheduler.start(lambda: judge, lambda message: None)
-        items = [_item("a1"), _item("a2"), _item(" "), BadInput("record 3: broken"), _item("b1", b"b"), _item("a3")]
-        work = Work(items, Options(), deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
+        scheduler, _ = _started(judge)
+        work = _work(_item("a1"), _item("a2"), _item(" "), BadInput("record 3: broken"), _item("b1", b"b"), _item("a3"))
         scheduler.submit(work)
         outcome = await work.future
         scheduler.stop()
@@ -262,21 +265,14 @@ def test_a_batch_with_bad_records_runs_the_good_ones_in_groups_of_its_images():
 
 
 def test_a_running_group_stops_once_every_request_it_serves_is_given_up():
-    from dfj.serve.metrics import Metrics
-    from dfj.serve.scheduler import Scheduler, Work
-
     async def scenario():
-        loop = asyncio.get_running_loop()
         judge = RecordingJudge()
-        metrics = Metrics()
-        scheduler = Scheduler(4, metrics)
-        scheduler.start(lambda: judge, lambda message: None)
-        works = [Work([_item(f"r{i}")], Options(), deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
-                 for i in range(2)]
-        blocker = Work([_item("block", b"x")], Options(), deadline=time.monotonic() + 30, future=loop.create_future(), loop=loop)
+        scheduler, metrics = _started(judge)
+        blocker = _work(_item("block", b"x"))
         scheduler.submit(blocker)
         while blocker.state != "running":
             await asyncio.sleep(0.01)
+        works = [_work(_item(f"r{i}")) for i in range(2)]
         for work in works:
             scheduler.submit(work)
         scheduler.abandon(blocker, "disconnected")  # blocker's group was alone: it stops
