@@ -9,11 +9,12 @@ as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from dfj.data import RecordProblem, parse_line
 
@@ -32,6 +33,14 @@ class BatchSummary:
     judged: int  # lines with a verdict
     unparsed: int  # lines judged, but the judge's output held no valid verdict (a miss, never a guess)
     errors: int  # lines that could not be judged: bad record, image or runtime failure
+
+    def count(self, line: "_Line") -> None:
+        if line.result.get("error") is None:
+            self.judged += 1
+        elif "text" in line.result:
+            self.unparsed += 1
+        else:
+            self.errors += 1
 
 
 def input_jsonl(path: str | os.PathLike) -> Path:
@@ -58,13 +67,27 @@ def judge_jsonl(
     """Judge every line of `source` (a split folder or JSONL file) into `out`. Consecutive records of
     one image and label go to the judge as one group (`Judge.judge_many`); only one group's lines are
     held at a time, whatever the file's size."""
-    from dfj.judge import GROUP_SIZE
+    source, out, total, done = prepare_output(source, out, resume, overwrite)
+    summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
+    with open_output(out, resume, done) as sink:
+        for unit in units(source, done):
+            for line, row in zip(unit, judge_unit(judge, unit, expected_score=expected_score, swap_check=swap_check)):
+                summary.count(line)
+                sink.write(row)
+                sink.flush()
+                if progress:
+                    progress(line.number, total)
+    return summary
 
+
+def prepare_output(source: str | os.PathLike, out: str | os.PathLike, resume: bool, overwrite: bool) -> tuple[Path, Path, int, int]:
+    """(input file, output file, input lines, lines already done) after the checks every engine makes:
+    the output is not the input, and an existing output is resumed (checked to come from this input)
+    or replaced only when asked."""
     source = input_jsonl(source)
     out = Path(out)
     if out.resolve() == source.resolve():
         raise ValueError("the output file must not be the input file")
-    root = source.parent.resolve()
     total = _count_lines(source)
     done = 0
     if out.exists():
@@ -72,48 +95,73 @@ def judge_jsonl(
             done = _check_finished(out, source)
         elif not overwrite:
             raise FileExistsError(f"{out} already exists (pass --resume to continue it, --force to replace it)")
+    return source, out, total, done
+
+
+@contextlib.contextmanager
+def open_output(out: Path, resume: bool, done: int) -> Iterator[BinaryIO]:
+    """The output file, positioned after its `done` finished lines (a line torn by a kill goes)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
     appending = resume and out.exists()
     with open(out, "r+b" if appending else "wb") as sink:
         if appending:
             sink.seek(_finished_bytes(out, done))
-            sink.truncate()  # a line torn by the kill goes; it is judged again
-        pending: list[_Line] = []
-        group_key: tuple[str, str] | None = None
+            sink.truncate()
+        yield sink
 
-        def flush() -> None:
-            records = [line.record for line in pending if line.record is not None]
-            verdicts = iter(judge.judge_many(records, expected_score=expected_score, swap_check=swap_check) if records else [])
-            for line in pending:
-                if line.record is not None:
-                    _add_verdict(line, next(verdicts))
-                if line.result.get("error") is None:
-                    summary.judged += 1
-                elif "text" in line.result:
-                    summary.unparsed += 1
-                else:
-                    summary.errors += 1
-                sink.write(_dump({**line.original, FIELD: {"line": line.number, **line.result, "error": line.result.get("error")}}))
-                sink.flush()
-                if progress:
-                    progress(line.number, total)
-            pending.clear()
 
-        for number, raw in _lines(source):
-            if number <= done:
-                continue
-            line = _read_line(raw, number, root)
-            if line.record is not None:
-                key = (str(line.record.image), line.record.label.strip().lower())
-                if key != group_key or sum(p.record is not None for p in pending) >= GROUP_SIZE:
-                    flush()
-                group_key = key
-            pending.append(line)
-            if len(pending) >= 4 * GROUP_SIZE:  # a run of bad lines inside a group: memory stays bounded
-                flush()
-        flush()
-    return summary
+def units(source: Path, done: int = 0) -> Iterator[list["_Line"]]:
+    """The input's lines after line `done`, parsed, in the units one `judge_many` call judges: a run
+    of one image and label (at most GROUP_SIZE records), bad lines staying where they are, at most
+    4 x GROUP_SIZE lines."""
+    from dfj.judge import GROUP_SIZE
+
+    root = source.parent.resolve()
+    pending: list[_Line] = []
+    group_key: tuple[str, str] | None = None
+    for number, raw, start in _lines(source):
+        if number <= done:
+            continue
+        line = _read_line(raw, number, root)
+        line.offset = start
+        if line.record is not None:
+            key = (str(line.record.image), line.record.label.strip().lower())
+            if pending and (key != group_key or sum(p.record is not None for p in pending) >= GROUP_SIZE):
+                yield pending
+                pending = []
+            group_key = key
+        pending.append(line)
+        if len(pending) >= 4 * GROUP_SIZE:  # a run of bad lines inside a group: memory stays bounded
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def read_unit(source: Path, offset: int, first: int, count: int) -> list["_Line"]:
+    """A unit `units` found, read again where it lies: `count` lines from byte `offset`, numbered from
+    `first` (how another process, given only the unit's place, gets its lines)."""
+    root = source.parent.resolve()
+    lines = []
+    for number, raw, start in _lines(source, offset, first):
+        if number >= first + count:
+            break
+        line = _read_line(raw, number, root)
+        line.offset = start
+        lines.append(line)
+    return lines
+
+
+def judge_unit(judge, unit: list["_Line"], *, expected_score: bool = False, swap_check: bool = False) -> list[bytes]:
+    """The output line of each input line of a unit (one `judge_many` call for its records)."""
+    records = [line.record for line in unit if line.record is not None]
+    verdicts = iter(judge.judge_many(records, expected_score=expected_score, swap_check=swap_check) if records else [])
+    rows = []
+    for line in unit:
+        if line.record is not None:
+            _add_verdict(line, next(verdicts))
+        rows.append(_dump({**line.original, FIELD: {"line": line.number, **line.result, "error": line.result.get("error")}}))
+    return rows
 
 
 @dataclass
@@ -122,6 +170,7 @@ class _Line:
     original: dict[str, Any]  # the input object, carried into the output
     result: dict[str, Any]  # what goes under FIELD
     record: Any = None  # the parsed record, None when the line could not be one
+    offset: int = 0  # where the line starts in the input file
 
 
 def _read_line(raw: bytes | None, number: int, root: Path) -> _Line:
@@ -169,11 +218,14 @@ def _dump(row: dict[str, Any]) -> bytes:
     return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based number, bytes) per line; None for a line over MAX_LINE_BYTES (skipped, not held)."""
+def _lines(path: Path, offset: int = 0, first: int = 1) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based number, bytes, start offset) per line, from byte `offset` (line `first`); None for a
+    line over MAX_LINE_BYTES (skipped, not held)."""
     with open(path, "rb") as handle:
-        number = 0
+        handle.seek(offset)
+        number = first - 1
         while True:
+            start = handle.tell()
             raw = handle.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 return
@@ -181,9 +233,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
                     pass
-                yield number, None
+                yield number, None, start
             else:
-                yield number, raw
+                yield number, raw, start
 
 
 def _count_lines(path: Path) -> int:
@@ -218,7 +270,7 @@ def _check_finished(out: Path, source: Path) -> int:
     done = 0
     inputs = _lines(source)
     for _, row in _finished_rows(out):
-        number, raw = next(inputs, (None, None))
+        number, raw, _ = next(inputs, (None, None, None))
         if number is None or row[FIELD].get("line") != number:
             raise ValueError(f"{out} has more or other lines than {source}; it is not a partial run over it")
         original, result = _original(raw)

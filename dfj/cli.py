@@ -47,6 +47,11 @@ def judge(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference limit (512 pointwise, 128 pairwise)."),
+    engine: str = typer.Option("local", "--engine", help="--data/--jsonl: local (this process) or ray (a Ray Data actor pool; the ray extra)."),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster to join (default: start a local Ray instance)."),
+    actors: int = typer.Option(1, "--actors", help="--engine ray: judges loaded at once (each loads the artifact once)."),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="--engine ray: CPUs each actor reserves."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="--engine ray: GPUs each actor reserves (with --device cuda)."),
 ) -> None:
     """Judge one image and response (or pair), or a whole JSONL file with --data/--jsonl and --out."""
     import dfj
@@ -61,6 +66,15 @@ def judge(
         _fail("give --image, --label and --response (one verdict), or --data/--jsonl with --out (a batch)")
     if pairwise not in PAIRWISE_METHODS:
         _fail(f"--pairwise must be one of {', '.join(PAIRWISE_METHODS)}, not {pairwise!r}")
+    if engine not in ("local", "ray"):
+        _fail(f"--engine must be local or ray, not {engine!r}")
+    if engine == "ray":
+        if batch_input is None:
+            _fail("--engine ray judges files: give --data or --jsonl with --out")
+        _judge_on_ray(artifact, batch_input, out, resume, force, expected, swap_check, address=address, actors=actors,
+                      cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, runtime=runtime, device=device,
+                      dtype=dtype, mode=mode, max_new_tokens=max_new_tokens, pairwise=pairwise)
+        return
     try:
         j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens,
                            pairwise=pairwise)
@@ -78,6 +92,8 @@ def judge(
             if response_b is None:
                 _fail("a pairwise judge needs --response-b")
             verdict = j.compare(image, label, response, response_b, swap_check=swap_check)
+    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
+        raise
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return
@@ -97,6 +113,33 @@ def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool, **option
 
     with progress_bar(f"judging ({j.mode})") as progress:
         summary = judge_jsonl(j, source, out, resume=resume, overwrite=force, progress=progress, **options)
+    _print_summary(summary)
+
+
+def _judge_on_ray(artifact: str, source: Path, out: Path, resume: bool, force: bool, expected: bool, swap_check: bool,
+                  *, address, actors, cpus_per_actor, gpus_per_actor, **load) -> None:
+    from dfj.console import progress_bar
+    from dfj.distributed import JudgeLoad, RaySpec, judge as judge_distributed
+    from dfj.sources import resolve
+
+    try:
+        judge_mode = resolve(artifact, mode=load["mode"], verify_files=False).mode
+        if (swap_check and judge_mode != "pairwise") or (expected and judge_mode != "pointwise"):
+            _fail("--swap-check is for pairwise judges, --expected-score for pointwise judges; "
+                  f"this is a {judge_mode} judge")
+        spec = RaySpec(address=address, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+        with progress_bar(f"judging ({judge_mode}, ray, {actors} actor{'s' if actors > 1 else ''})") as progress:
+            summary = judge_distributed(JudgeLoad(artifact, **load), source, out, engine=spec, resume=resume,
+                                        overwrite=force, progress=progress, expected_score=expected, swap_check=swap_check)
+    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
+        raise
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:
     earlier = f", {summary.resumed} done by an earlier run" if summary.resumed else ""
     typer.echo(f"{summary.out}: {summary.lines} lines{earlier}; this run: {summary.judged} verdicts, "
                f"{summary.unparsed} outputs without a verdict, {summary.errors} input errors")
@@ -123,6 +166,8 @@ def export(
     given = {"dtype": dtype, "calibration": calibration, "samples": samples, "group_size": group_size, "mmproj_dtype": mmproj}
     try:
         path = run_export(source, out, quant, mode=mode, overwrite=force, **{k: v for k, v in given.items() if v is not None})
+    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
+        raise
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return
@@ -144,6 +189,8 @@ def quant(
 
     try:
         path = quantize(artifact, out, method, calibration=calibration, samples=samples, group_size=group_size, overwrite=force)
+    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
+        raise
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(str(exc))
         return

@@ -90,3 +90,11 @@ def test_judge_data_takes_the_pairwise_method_and_swap_check(tmp_path):
     assert refused.exit_code == 2 and "--expected-score" in refused.output
     refused = runner.invoke(app, ["judge", judge, "--jsonl", str(data), "--out", str(tmp_path / "x.jsonl"), "--pairwise", "fast"])
     assert refused.exit_code == 2 and "answer, generate" in refused.output
+
+
+@pytest.mark.slow
+def test_a_refused_option_is_reported_once(tiny):
+    result = runner.invoke(app, ["judge", str(tiny("pairwise")), "--image", "x.png", "--label", "fake", "--response", "a",
+                                 "--response-b", "b", "--expected-score"])
+    assert result.exit_code == 2
+    assert result.output.count("error:") == 1 and "--expected-score for pointwise judges" in result.output
