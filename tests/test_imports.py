@@ -10,7 +10,7 @@ import dfj
 
 PACKAGE = Path(dfj.__file__).parent
 # `dfj demo`, and the benchmarks that build their own judges: the only modules outside dfj.tiny that use it.
-TINY_USERS = {"dfj.demo", "dfj.bench.speed", "dfj.bench.memory", "dfj.bench.serve"}
+TINY_USERS = {"dfj.demo", "dfj.bench.speed", "dfj.bench.memory", "dfj.bench.serve", "dfj.bench.distributed"}
 
 
 def _module_name(path: Path) -> str:

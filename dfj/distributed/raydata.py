@@ -36,13 +36,13 @@ from dfj.manifest import ArtifactError
 INSTALL_HINT = "--engine ray needs the ray extra: pip install 'dfj[ray]'"
 
 
-def artifact_fingerprint(artifact: str | os.PathLike) -> str:
+def artifact_fingerprint(artifact: str | os.PathLike, mode: str | None = None) -> str:
     """The artifact's identity: the sha256 of its manifest (whose file checksums every load verifies),
     or, for a folder without one, of every file's sha256; an adapter's base counts too."""
     from dfj.manifest import MANIFEST_NAME, hash_folder, sha256_file
     from dfj.sources import resolve
 
-    source = resolve(artifact, verify_files=False)
+    source = resolve(artifact, mode=mode, verify_files=False)
     parts = {}
     for role, folder in (("judge", source.path), ("base", source.base)):
         if folder is None:
@@ -58,7 +58,7 @@ class UnitJudge:
     def __init__(self, load: JudgeLoad, fingerprint: str, source: str, expected_score: bool, swap_check: bool) -> None:
         import dfj
 
-        seen = artifact_fingerprint(load.artifact)
+        seen = artifact_fingerprint(load.artifact, load.mode)
         if seen != fingerprint:
             raise ArtifactError(
                 f"{load.artifact} on this worker ({os.uname().nodename}) is not the artifact the driver checked "
@@ -94,7 +94,7 @@ def judge(load: JudgeLoad, source: str | os.PathLike, out: str | os.PathLike, *,
     source, out, total, done = prepare_output(source, out, resume, overwrite)
     if Path(load.artifact).exists():  # an absolute path: workers do not share the driver's working folder
         load = dataclasses.replace(load, artifact=str(Path(load.artifact).resolve()))
-    fingerprint = artifact_fingerprint(load.artifact)
+    fingerprint = artifact_fingerprint(load.artifact, load.mode)
     places = [{"first": unit[0].number, "offset": unit[0].offset, "count": len(unit)} for unit in units(source, done)]
     summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
     started_here = not ray.is_initialized()
