@@ -6,9 +6,11 @@ not a test.
 The judge is the trained tiny judge of the mode on its runtime (torch, CPU), the records the first
 `--records` of its held-out split. In-process: `judge.score` / `judge.compare`, one record at a time.
 Over HTTP: a `dfj serve` process on a loopback port, one client posting the same records one at a time
-(base64 images, as a remote client sends them), then `--clients` clients at once (requests for one
-image and label queued together are judged in one runtime call). Each path judges every record once
-unmeasured first. Reports verdicts per second, p50/p95 latency, and HTTP's overhead on a verdict.
+(base64 images, as a remote client sends them). The two are timed in pairs, record by record, for
+`--rounds` passes (the order within a pair swapped each pass), so the machine's drift falls on both;
+each path judges every record once unmeasured first. Then `--clients` clients post at once (requests
+for one image and label queued together are judged in one runtime call). Reports verdicts per second,
+p50/p95 latency, and HTTP's overhead on a verdict (mean, and the median of the paired differences).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _start_service(artifact: Path, log: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("dfj serve did not get ready in 600 s")
 
 
-def run(mode: str, n: int, clients: int, work: Path) -> dict[str, Any]:
+def run(mode: str, n: int, clients: int, work: Path, rounds: int = 3) -> dict[str, Any]:
     import httpx
 
     import dfj
@@ -96,16 +98,23 @@ def run(mode: str, n: int, clients: int, work: Path) -> dict[str, Any]:
     call = judge.score if mode == "pointwise" else judge.compare
     route = "/v1/score" if mode == "pointwise" else "/v1/compare"
     local_calls = [lambda r=r: call(r["path"], *r["fields"].values()).to_dict() for r in records]
-    _timed(local_calls)  # warm: caches, allocator, lazy inits
-    local_s, local = _timed(local_calls)
-
     work.mkdir(parents=True, exist_ok=True)
     proc, url = _start_service(artifact, work / "serve.log")
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
             http_calls = [lambda r=r: client.post(route, json=r["body"]).json() for r in records]
+            _timed(local_calls)  # warm both: caches, allocator, lazy inits
             _timed(http_calls)
-            http_s, remote = _timed(http_calls)
+            # Paired and interleaved (in-process then HTTP on each record, the order swapped every
+            # round), so drift in the machine's speed falls on both alike.
+            local_s, http_s, local, remote = [], [], [], []
+            for round_ in range(rounds):
+                for local_call, http_call in zip(local_calls, http_calls):
+                    pair = [(local_call, local_s, local), (http_call, http_s, remote)]
+                    for fn, seconds, results in (pair if round_ % 2 == 0 else pair[::-1]):
+                        taken, [result] = _timed([fn])
+                        seconds += taken
+                        results.append(result)
 
             def one(r: dict[str, Any]) -> float:
                 with httpx.Client(base_url=url, timeout=600) as own:
@@ -124,11 +133,13 @@ def run(mode: str, n: int, clients: int, work: Path) -> dict[str, Any]:
     mismatches = sum(a != b for a, b in zip(local, remote))
     local_summary, http_summary = _summary(local_s), _summary(http_s)
     return {
-        "mode": mode, "records": n, "clients": clients, "runtime": judge.runtime_name, "cpus": os.cpu_count(),
+        "mode": mode, "records": n, "rounds": rounds, "clients": clients, "runtime": judge.runtime_name, "cpus": os.cpu_count(),
         "in_process": local_summary, "http": http_summary,
         "http_concurrent": _summary(concurrent_s, concurrent_wall),
         "http_overhead_mean_s": round(http_summary["mean_s"] - local_summary["mean_s"], 4),
         "http_overhead_share": round(http_summary["mean_s"] / local_summary["mean_s"] - 1, 4),
+        # The same record's HTTP time less its in-process time, per pair: drift cancels out.
+        "http_overhead_median_pair_s": round(statistics.median(h - l for h, l in zip(http_s, local_s)), 4),
         "verdicts_differ": mismatches,
     }
 
@@ -138,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("pointwise", "pairwise"), default="pointwise")
     parser.add_argument("--records", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the records, in-process and HTTP interleaved")
     parser.add_argument("--work", type=Path, default=Path("bench-serve"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = run(args.mode, args.records, args.clients, args.work)
+    result = run(args.mode, args.records, args.clients, args.work, args.rounds)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
