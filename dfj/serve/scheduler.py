@@ -117,7 +117,8 @@ class Scheduler:
             work.abandoned = work.abandoned or reason
 
     def retry_after(self) -> int:
-        waiting = sum(len(w.items) for w in self._queue) + 1
+        with self._cond:  # an RLock: submit calls this holding it; the event loop calls it without
+            waiting = sum(len(w.items) for w in self._queue) + 1
         return max(1, min(120, math.ceil(waiting * self._seconds_per_record)))
 
     # -- the worker's side --------------------------------------------------------------------------
