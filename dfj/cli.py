@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "demo")
+COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "probe", "demo")
 
 
 def _fail(message: str) -> None:
@@ -304,6 +304,41 @@ def serve(
         return
     if status:
         raise typer.Exit(status)
+
+
+probe_app = typer.Typer(no_args_is_help=True, help="Probe how a judge behaves under hostile responses.")
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("injection")
+def probe_injection(
+    artifacts: list[str] = typer.Argument(..., help="Judges to probe side by side (same records, same templates)."),
+    data: Path = typer.Option(..., "--data", help="DFJ split folder (or JSONL file) whose records are attacked."),
+    report: Path = typer.Option(Path("probe-report"), "--report", help="Report folder (JSON, markdown, PNG)."),
+    template_ids: Optional[str] = typer.Option(None, "--templates", help="Comma-separated template ids (default: the whole corpus of the mode)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N records."),
+    max_asr: Optional[float] = typer.Option(None, "--max-asr", help="Gate: exit 1 if an attack template's success rate (pairwise: flip rate) is over this."),
+    runtime: Optional[str] = typer.Option(None, help="Runtime for every artifact (default: what each format needs)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype (default: fp32 on CPU, bf16 on CUDA)."),
+) -> None:
+    """Attack the weaker response of each record with the injection corpus and measure how far the
+    verdicts move (Δscore, attack success, flips), per template and artifact, beside the controls."""
+    from dfj.probe.injection import ProbeSpec, run_probe
+
+    try:
+        spec = ProbeSpec(tuple(artifacts), data, report, tuple(template_ids.split(",")) if template_ids else None,
+                         limit, max_asr, runtime, device, dtype)
+        result = run_probe(spec, progress=lambda message: typer.echo(message, err=True))
+    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
+        raise
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo((report / "report.md").read_text(encoding="utf-8"))
+    typer.echo(f"report: {report / 'report.json'}, {report / 'report.md'}, {report / 'report.png'}")
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()
