@@ -11,7 +11,7 @@ runner = CliRunner()
 
 
 def test_command_list_is_pinned():
-    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    names = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert names == set(COMMANDS) == {"judge", "export", "quant", "bench", "info", "serve", "probe", "demo"}
 
 
