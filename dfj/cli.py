@@ -3,9 +3,10 @@ each command so `dfj --help` stays instant."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -24,6 +25,22 @@ COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "probe", "demo
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+# What the library raises for bad input or a missing extra: reported as `error: …`, exit 2.
+LIBRARY_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError)
+
+
+@contextlib.contextmanager
+def _reported(errors: tuple[type[BaseException], ...] = LIBRARY_ERRORS) -> Iterator[None]:
+    """Library errors inside become one `error:` line and exit 2. A failure already reported passes
+    through: click's Exit is a RuntimeError, and catching it again printed `error: 2`."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except errors as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -75,7 +92,7 @@ def judge(
                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, runtime=runtime, device=device,
                       dtype=dtype, mode=mode, max_new_tokens=max_new_tokens, pairwise=pairwise)
         return
-    try:
+    with _reported():
         j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens,
                            pairwise=pairwise)
         if (swap_check and j.mode != "pairwise") or (expected and j.mode != "pointwise"):
@@ -92,11 +109,6 @@ def judge(
             if response_b is None:
                 _fail("a pairwise judge needs --response-b")
             verdict = j.compare(image, label, response, response_b, swap_check=swap_check)
-    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
-        raise
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
     if as_json:
         typer.echo(json.dumps({"mode": j.mode, **verdict.to_dict()}, ensure_ascii=False))
         return
@@ -122,7 +134,7 @@ def _judge_on_ray(artifact: str, source: Path, out: Path, resume: bool, force: b
     from dfj.distributed import JudgeLoad, RaySpec, judge as judge_distributed
     from dfj.sources import resolve
 
-    try:
+    with _reported():
         judge_mode = resolve(artifact, mode=load["mode"], verify_files=False).mode
         if (swap_check and judge_mode != "pairwise") or (expected and judge_mode != "pointwise"):
             _fail("--swap-check is for pairwise judges, --expected-score for pointwise judges; "
@@ -131,11 +143,6 @@ def _judge_on_ray(artifact: str, source: Path, out: Path, resume: bool, force: b
         with progress_bar(f"judging ({judge_mode}, ray, {actors} actor{'s' if actors > 1 else ''})") as progress:
             summary = judge_distributed(JudgeLoad(artifact, **load), source, out, engine=spec, resume=resume,
                                         overwrite=force, progress=progress, expected_score=expected, swap_check=swap_check)
-    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
-        raise
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
     _print_summary(summary)
 
 
@@ -164,13 +171,8 @@ def export(
     if quant not in all_formats():
         _fail(f"unknown --quant {quant!r}; available: {', '.join(all_formats())}")
     given = {"dtype": dtype, "calibration": calibration, "samples": samples, "group_size": group_size, "mmproj_dtype": mmproj}
-    try:
+    with _reported():
         path = run_export(source, out, quant, mode=mode, overwrite=force, **{k: v for k, v in given.items() if v is not None})
-    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
-        raise
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
     _print_artifact(path)
 
 
@@ -187,13 +189,8 @@ def quant(
     """Quantize a dfj artifact; its parity against the input and the chain of stages go to dfj.json."""
     from dfj.quant import quantize
 
-    try:
+    with _reported():
         path = quantize(artifact, out, method, calibration=calibration, samples=samples, group_size=group_size, overwrite=force)
-    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
-        raise
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
     _print_artifact(path)
 
 
@@ -225,16 +222,13 @@ def bench(
     from dfj.bench.run import BenchError, BenchJudge, default_runtime, parse_tolerance, run_bench
     from dfj.console import bench_progress
 
-    try:
+    with _reported((BenchError, ValueError, FileNotFoundError, ImportError)):
         gate = parse_tolerance(tolerance)
         ref = BenchJudge(reference, "torch", device, reference_dtype or dtype, label="reference")
         judges = [BenchJudge(a, runtime or default_runtime(a), device, dtype) for a in artifacts]
         with bench_progress() as progress:
             result = run_bench(ref, judges, data, report, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
                                tolerance=gate, progress=progress)
-    except (BenchError, ValueError, FileNotFoundError, ImportError) as exc:
-        _fail(str(exc))
-        return
     print_report(result)
     typer.echo(f"report: {report / 'report.json'}, {report / 'report.md'}, {report / 'report.png'}")
     if not result["passed"]:
@@ -254,16 +248,12 @@ def info(
     from dfj.manifest import ArtifactError, read_manifest, verify as verify_files
     from dfj.console import print_manifest
 
-    try:
+    with _reported((ArtifactError,)):
         manifest = read_manifest(artifact)
         if manifest is None:
             _fail(f"{artifact}: no dfj.json; not a dfj artifact")
-            return
         if verify:
             verify_files(artifact, manifest)
-    except ArtifactError as exc:
-        _fail(str(exc))
-        return
     if as_json:
         typer.echo(manifest.to_json())
     else:
@@ -293,15 +283,12 @@ def serve(
     /v1/chat/completions, /metrics. Loopback only unless given an API key."""
     from dfj.serve import ServeConfig, ServeError, serve as run_service
 
-    try:
+    with _reported((ServeError, ImportError)):
         config = ServeConfig(artifact, host=host, port=port, api_key_file=api_key_file, max_queue=max_queue,
                              max_body_mb=max_body_mb, timeout_s=timeout, image_root=image_root, max_batch=max_batch,
                              runtime=runtime, device=device, dtype=dtype, pairwise=pairwise)  # type: ignore[arg-type]
         config.api_key()  # an unreadable or short key stops the start, before the model loads
         status = run_service(config, log_level=log_level)
-    except (ServeError, ImportError) as exc:
-        _fail(str(exc))
-        return
     if status:
         raise typer.Exit(status)
 
@@ -326,15 +313,10 @@ def probe_injection(
     verdicts move (Δscore, attack success, flips), per template and artifact, beside the controls."""
     from dfj.probe.injection import ProbeSpec, run_probe
 
-    try:
+    with _reported((ValueError, FileNotFoundError, ImportError, RuntimeError)):
         spec = ProbeSpec(tuple(artifacts), data, report, tuple(template_ids.split(",")) if template_ids else None,
                          limit, max_asr, runtime, device, dtype)
         result = run_probe(spec, progress=lambda message: typer.echo(message, err=True))
-    except typer.Exit:  # click's Exit is a RuntimeError: a failure already reported
-        raise
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
     typer.echo((report / "report.md").read_text(encoding="utf-8"))
     typer.echo(f"report: {report / 'report.json'}, {report / 'report.md'}, {report / 'report.png'}")
     if not result["passed"]:
