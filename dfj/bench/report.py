@@ -111,6 +111,13 @@ def figure(report: dict[str, Any], path: Path) -> None:
     for axis in axes[1:]:
         axis.set_yticklabels([])
     fig.suptitle(f"dfj bench ({mode}, {report['data']['records']} records)")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write beside `path` and rename into place (a killed run leaves no half PNG), close."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -120,8 +127,8 @@ def figure(report: dict[str, Any], path: Path) -> None:
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
     folder = Path(folder)
-    _atomic_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _atomic_text(folder / "report.md", markdown(report))
+    atomic_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_text(folder / "report.md", markdown(report))
     figure(report, folder / "report.png")
 
 
@@ -146,7 +153,7 @@ def print_report(report: dict[str, Any]) -> None:
         console.print("published DeepfakeJudge numbers: " + ", ".join(f"{k} {v}" for k, v in data["published"].items()))
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -12,11 +12,11 @@ artifact); `max_asr` gates the attack success rate (pairwise: the flip rate) of 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dfj.bench.report import atomic_text, save_figure
 from dfj.probe.corpus import CORPUS_VERSION, Template, templates as corpus_templates
 from dfj.probe.stats import pairwise_effect, pointwise_effect
 
@@ -190,20 +190,14 @@ def figure(report: dict[str, Any], path: Path) -> None:
     axis.invert_yaxis()
     axis.set_title(f"dfj probe injection ({mode}): {title}")
     axis.legend(fontsize="small")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2, sort_keys=True) + "\n"), ("report.md", markdown(report))):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+    atomic_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_text(folder / "report.md", markdown(report))
     figure(report, folder / "report.png")
 
 
