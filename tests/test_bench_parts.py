@@ -118,3 +118,27 @@ def test_vision_parity_per_token_cosine_and_relative_l2():
     assert summary["images"] == 2 and summary["cos_mean"] == pytest.approx(30 / 32) and summary["errors"] == ["boom"]
     with pytest.raises(ValueError, match="split the image differently"):
         vision_parity(reference, reference[:8])
+
+
+def _memory_cgroups_writable() -> bool:
+    from dfj.bench.memory import MemoryCap
+
+    try:
+        MemoryCap(1 << 30, "probe").close()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _memory_cgroups_writable(), reason="needs a writable memory cgroup hierarchy (root)")
+def test_a_memory_cap_kills_a_stage_that_needs_more_and_records_the_peak_of_one_that_fits():
+    from dfj.bench.memory import measure
+
+    allocate = "import numpy as np; a = np.ones(400_000_000 // 8); print(a.sum())"
+    fits = measure(allocate, cap=800_000_000, name="fits")
+    assert fits.exit_code == 0, fits.output_tail
+    assert fits.cap == 800_000_000 and fits.oom_kills == 0
+    assert 400_000_000 <= fits.cgroup_peak <= 800_000_000
+    killed = measure(allocate, cap=200_000_000, name="killed")
+    assert killed.exit_code == -9 and killed.oom_kills == 1
+    assert killed.cgroup_peak <= 200_000_000
