@@ -131,7 +131,7 @@ def test_external_data_layout_loads_and_matches(tiny, tmp_path, onnx_fp32, judge
 
     folder = export(tiny("pointwise", adapter=True), tmp_path / "external", "onnx-fp32", external_data=True)
     names = sorted(p.name for p in folder.iterdir() if "onnx" in p.name)
-    assert names == ["decoder.onnx", "decoder.onnx.data", "embed.onnx", "embed.onnx.data", "onnx.json",
+    assert names == ["decoder.onnx", "decoder.onnx.data", "embed.onnx", "embed.onnx.data",
                      "vision.onnx", "vision.onnx.data"]
     assert (folder / "decoder.onnx").stat().st_size < 1e6
     record = read_split(tiny_split("pointwise", 10)).records[2]

@@ -2,8 +2,6 @@
 otherwise), never exports again, records parity against its input and the chain of stages, and the
 `dfj export --quant M` shortcut writes the same model files as export then quant."""
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
@@ -66,7 +64,8 @@ def test_the_manifest_keeps_the_chain_from_source_to_quantization(lossless, tmp_
     # int8 probe cosine on the random tiny judge: 0.99+ on the AVX-512/AMX Xeon, 0.9892 on an AVX2-only EPYC
     # (onnxruntime's int8 kernels differ without VNNI); a wrongly scaled or mapped graph falls far below.
     assert manifest.parity["reference"] == "onnx-fp32 (input, ONNX Runtime)" and 0.98 < manifest.parity["cosine"] < 1.0
-    assert json.loads((out / "onnx.json").read_text())["quantization"]["weight_type"] == "int8"
+    assert manifest.extra["onnx"]["quantization"]["weight_type"] == "int8"
+    assert manifest.chain[-1]["parity"] == manifest.parity and not (out / "onnx.json").exists()
 
 
 @pytest.mark.parametrize("method", ["gguf-q4_k_m", "onnx-int4"])

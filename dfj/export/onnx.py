@@ -15,7 +15,6 @@ call before anything is written.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 from pathlib import Path
@@ -29,7 +28,7 @@ from dfj import hf
 from dfj.export.lora_merge import adapter_record
 from dfj.export.staging import staged_folder
 from dfj.images import PixelLimits
-from dfj.manifest import write_manifest
+from dfj.manifest import Manifest, write_manifest
 from dfj.sources import export_manifest, resolve
 
 OPSET = 18
@@ -258,8 +257,8 @@ def export_onnx(
         onnx_info["quantization"] = {"method": "none"}
         _copy_config(model_dir, work)
         processor.save_pretrained(work)
-        (work / "onnx.json").write_text(json.dumps(onnx_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        parity = compare_logits(reference, probe_onnx(work, resolved.mode, limits))
+        layout = Manifest.for_judge(resolved.mode, "onnx", {}, limits=limits, extra={"onnx": onnx_info})
+        parity = compare_logits(reference, probe_onnx(work, layout))
         tolerance = lossless_tolerance(reference)
         parity.update(reference="transformers fp32 (merged)", tolerance=tolerance)
         if parity["max_abs_diff"] > tolerance:
@@ -284,8 +283,9 @@ def _probe_reference(model, processor, mode: str):
     return as_logprobs(probe_logits(model, processor, mode))
 
 
-def probe_onnx(folder: Path, mode: str, limits: PixelLimits):
-    """The same probe through the ONNX runtime: log-probabilities at the probe's last positions."""
+def probe_onnx(folder: Path, manifest: Manifest):
+    """The same probe through the ONNX runtime: log-probabilities at the probe's last positions. The
+    runtime reads the graphs' layout from `manifest` (the folder's, or the one an export will write)."""
     from dfj.export.probe import runtime_probe
 
-    return runtime_probe("onnx", folder, mode, limits)
+    return runtime_probe("onnx", folder, manifest.mode, PixelLimits(**manifest.pixels), manifest=manifest)

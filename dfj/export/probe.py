@@ -69,9 +69,11 @@ def as_logprobs(logits):
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def runtime_probe(runtime: str, folder, mode: str, limits, positions: int = 24, **options):
+def runtime_probe(runtime: str, folder, mode: str, limits, positions: int = 24, manifest=None, **options):
     """Log-probabilities at the last `positions` positions of the probe (the rows `probe_logits` gives, as
-    log-probabilities), run by a dfj runtime on an exported folder through the runtime interface only."""
+    log-probabilities), run by a dfj runtime on an exported folder through the runtime interface only.
+    `manifest`: the folder's manifest-to-be, for a runtime that reads its layout from it (ONNX) before the
+    export writes it (the parity this probe measures goes into it)."""
     from pathlib import Path
 
     import torch
@@ -81,7 +83,7 @@ def runtime_probe(runtime: str, folder, mode: str, limits, positions: int = 24, 
     from dfj.runtime.base import Prompt, Scoring, chat_ids
     from dfj.sources import Source
 
-    backend = create(runtime, Source("model", Path(folder), mode, str(folder)), device="cpu", dtype=None,
+    backend = create(runtime, Source("model", Path(folder), mode, str(folder), manifest=manifest), device="cpu", dtype=None,
                      limits=limits, **options)
     try:
         ids = chat_ids(probe_chat(mode), backend.tokenize)

@@ -6,7 +6,6 @@ input through ONNX Runtime on the export probe.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 from dfj.export.onnx import GRAPHS, probe_onnx, save_graph
 from dfj.export.probe import compare_logits
 from dfj.export.staging import staged_folder
-from dfj.images import PixelLimits
 from dfj.manifest import write_manifest
 from dfj.quant import QuantSpec, quantized_manifest
 
@@ -70,13 +68,15 @@ def _quiet_quantizer():
 
 
 def quantize_onnx(source: Path, out: Path, spec: QuantSpec, manifest, *, overwrite: bool = False) -> Path:
-    limits = PixelLimits(**manifest.pixels)
     with staged_folder(out, overwrite=overwrite) as work:
-        shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("dfj.json"))
+        # onnx.json: the graphs' layout in artifacts made before it moved into dfj.json's `extra.onnx` alone.
+        shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("dfj.json", "onnx.json"))
         onnx_info = dict(manifest.extra.get("onnx", {}))
         onnx_info["quantization"] = quantize_graphs(work, spec.level)
-        (work / "onnx.json").write_text(json.dumps(onnx_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        parity = compare_logits(probe_onnx(source, manifest.mode, limits), probe_onnx(work, manifest.mode, limits))
+        output = quantized_manifest(manifest, source, "onnx", spec.method, {}, {"onnx": onnx_info})
+        parity = compare_logits(probe_onnx(source, manifest), probe_onnx(work, output))
         parity.update(reference="onnx-fp32 (input, ONNX Runtime)", tolerance=None)
-        write_manifest(work, quantized_manifest(manifest, source, "onnx", spec.method, parity, {"onnx": onnx_info}))
+        output.parity = parity
+        output.chain[-1] = output.stage("quant")
+        write_manifest(work, output)
     return Path(out).resolve()

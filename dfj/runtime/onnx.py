@@ -7,7 +7,6 @@ transformers' vision helpers give the window order and rotary positions, and tra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +92,19 @@ class OnnxRuntime(Runtime):
         limits = RuntimeOptions.parse("ONNX", options).limits
         if dtype not in (None, "float32", "fp32"):
             raise ValueError(f"an ONNX artifact runs in the precision it was exported with; dtype={dtype!r} is not available")
-        if not (Path(source.path) / "onnx.json").is_file():
-            raise ValueError(f"{source.name} is not a dfj ONNX artifact (no onnx.json); export one with --quant onnx-fp32")
-        return cls._open(Path(source.path), device=device, limits=limits or source.limits)
+        info = (source.manifest.extra.get("onnx") if source.manifest is not None else None) or {}
+        if "graphs" not in info:
+            raise ValueError(f"{source.name} is not a dfj ONNX artifact (its dfj.json records no ONNX graphs); "
+                             "export one with --quant onnx-fp32")
+        return cls._open(Path(source.path), info, device=device, limits=limits or source.limits)
 
     @classmethod
-    def _open(cls, folder: Path, device: str, limits: PixelLimits) -> "OnnxRuntime":
+    def _open(cls, folder: Path, info: dict, device: str, limits: PixelLimits) -> "OnnxRuntime":
         import onnxruntime as ort
         from transformers import AutoConfig, AutoProcessor
 
         from dfj import hf
 
-        info = json.loads((folder / "onnx.json").read_text(encoding="utf-8"))
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
