@@ -96,7 +96,7 @@ def test_quant_refuses_unknown_methods_stray_options_and_non_artifacts(tiny, los
         QuantSpec("gguf-q8_0", calibration=tmp_path)
     with pytest.raises(ArtifactError, match="not a dfj artifact"):
         quantize(tmp_path, tmp_path / "o", "gguf-q8_0")
-    with pytest.raises(ValueError, match="--quant gguf-f16 takes no option dtype"):
+    with pytest.raises(ValueError, match="dtype applies to --quant none, not gguf-f16"):
         export(tiny("pointwise", adapter=True), tmp_path / "o", "gguf-f16", dtype="float32")
     result = runner.invoke(app, ["quant", str(lossless["gguf-f16"]), "-o", str(tmp_path / "o"), "--method", "gptq-4bit"])
     assert result.exit_code == 2 and "quantizes a none artifact" in result.output

@@ -9,13 +9,13 @@ is exported into a scratch folder beside `out`, quantized into `out`, and remove
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
-ExportFormat = Literal["none", "onnx-fp32", "gguf-f32", "gguf-f16"]
+from dfj.export.spec import ExportFormat, ExportSpec
+
 FORMATS: dict[ExportFormat, tuple[str, dict[str, Any]]] = {
     "none": ("dfj.export.lora_merge:export_merged", {}),
     "onnx-fp32": ("dfj.export.onnx:export_onnx", {"quant": "fp32"}),
@@ -61,18 +61,14 @@ def export(source: str | os.PathLike, out: str | os.PathLike, quant: str = "none
     unknown = [k for k in options if k in QUANT_OPTIONS]
     if unknown:
         raise ValueError(f"{', '.join(unknown)} apply to the gptq-* formats only, not {quant}")
+    spec = ExportSpec.parse(quant, options)
     target, fixed = FORMATS[quant]
     module_name, attr = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(f"--quant {quant} needs packages that are not installed ({exc.name}): pip install 'dfj[all]'") from exc
-    exporter = getattr(module, attr)
-    accepted = inspect.signature(exporter).parameters
-    foreign = sorted(k for k in options if k not in accepted)
-    if foreign:
-        raise ValueError(f"--quant {quant} takes no option {', '.join(foreign)}")
-    return exporter(source, out, overwrite=overwrite, **{**options, **fixed})
+    return getattr(module, attr)(source, out, overwrite=overwrite, **spec.exporter_options(), **fixed)
 
 
 def merge(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:
@@ -80,4 +76,4 @@ def merge(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> 
     return export(source, out, "none", **options)
 
 
-__all__ = ["FORMATS", "ExportFormat", "all_formats", "export", "merge"]
+__all__ = ["FORMATS", "ExportFormat", "ExportSpec", "all_formats", "export", "merge"]
