@@ -142,7 +142,7 @@ def _vision_row(judge, record, spec: WorkerSpec, cache: Path) -> dict[str, Any]:
     key = image_key(record.image)
     row: dict[str, Any] = {"image": key, "error": None}
     try:
-        prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+        prompt = judge.prepare(record).prompt
         [embeddings] = judge.runtime.embed_images([prompt])
         if isinstance(embeddings, Exception):
             raise embeddings
