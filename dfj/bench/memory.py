@@ -184,6 +184,7 @@ def run(work: Path, size: str, text_layers: int | None, vision_depth: int | None
         out = work / target
         if (out / "dfj.json").is_file():
             shutil.rmtree(out)
+        evict_page_cache(work)
         measured = measure(f"IN, OUT, GPTQ_SAMPLES = {str(work / source)!r}, {str(out)!r}, {GPTQ_SAMPLES}; " + code,
                            cap=cap, name=stage)
         row = {"stage": stage, **asdict(measured)}
@@ -200,6 +201,19 @@ def run(work: Path, size: str, text_layers: int | None, vision_depth: int | None
             # The 7B's base, merge and f16 GGUF (16.6 GB each) do not fit this machine's disk together.
             shutil.rmtree(work / source.split("/")[0])
     return rows
+
+
+def evict_page_cache(folder: Path) -> None:
+    """Write back and drop the cached pages of every file under `folder`. A cgroup is charged for a page
+    cache page only when it brings the page in: without this a stage would read its input for free from
+    the pages the stage before it wrote, and start with a warm cache no real run has."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
 
 
 def _row(row: dict) -> str:
