@@ -7,6 +7,7 @@ transformers' vision helpers give the window order and rotary positions, and tra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,15 @@ class _RopeHost:
 
     def get_rope_index(self, *args, **kwargs):
         return self._model_class.get_rope_index(self, *args, **kwargs)
+
+
+@dataclass
+class _Encoded:
+    ids: torch.Tensor  # (1, S) the graph's ids: the image pad expanded, forced ids appended
+    embeds: np.ndarray  # (1, S, H)
+    positions: np.ndarray  # (3, 1, S) M-RoPE positions
+    head: int  # leading ids shared by the records of one image and label
+    digest: str  # the image's pixels
 
 
 class OnnxRuntime(Runtime):
@@ -128,12 +138,10 @@ class OnnxRuntime(Runtime):
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # -- graphs ----------------------------------------------------------------------------------
-    def _prefill(self, prompt, extra_ids: list[int], logits_index: np.ndarray | None):
-        """Run the prompt (plus `extra_ids`). Returns logits (at `logits_index`, positions in the whole
-        sequence; default the last), the KV cache, the attention mask and the next M-RoPE position.
-
-        The image embeddings and the KV state of the prompt's head (shared by the records of one image
-        and label) come from this runtime's caches when seen before."""
+    def _encode(self, prompt, extra_ids: list[int]) -> "_Encoded":
+        """The prompt (plus `extra_ids`) as the decoder's inputs: embeddings with the image's spliced in
+        (from the vision cache when these pixels were seen), M-RoPE positions, and the head in the
+        graph's ids."""
         inputs = self.chat.encode_ids(prompt.image, prompt.ids)
         ids = inputs["input_ids"]
         types = inputs["mm_token_type_ids"]
@@ -141,27 +149,61 @@ class OnnxRuntime(Runtime):
             extra = torch.tensor([extra_ids], dtype=ids.dtype)
             ids = torch.cat([ids, extra], dim=1)
             types = torch.cat([types, torch.zeros_like(extra, dtype=types.dtype)], dim=1)
-        mask = torch.ones_like(ids)
         embeds = self.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0]
         image_embeds, digest = self._image_embeds(inputs)
         is_image = (ids[0] == self.image_token_id).numpy()
         if int(is_image.sum()) != image_embeds.shape[0]:
             raise RuntimeError(f"{int(is_image.sum())} image tokens in the prompt but {image_embeds.shape[0]} image embeddings")
         embeds[0, is_image] = image_embeds
-        positions, _ = self.rope.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
-        positions = positions.numpy()
-        length = ids.shape[1]
-        if logits_index is None:
-            logits_index = np.array([length - 1], dtype=np.int64)
+        positions, _ = self.rope.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"],
+                                                attention_mask=torch.ones_like(ids))
         # The head counts the image pad once; in the graph's ids it is the image's tokens.
         image_at = prompt.ids.index(self.image_token_id)
         head = prompt.head + (int(is_image.sum()) - 1 if prompt.head > image_at else 0)
+        return _Encoded(ids, embeds, positions.numpy(), head, digest)
+
+    def _prefill(self, prompt, extra_ids: list[int], logits_index: np.ndarray | None):
+        """Run the prompt (plus `extra_ids`). Returns logits (at `logits_index`, positions in the whole
+        sequence; default the last), the KV cache, the attention mask and the next M-RoPE position.
+
+        The image embeddings and the KV state of the prompt's head (shared by the records of one image
+        and label) come from this runtime's caches when seen before."""
+        encoded = self._encode(prompt, extra_ids)
+        length = encoded.ids.shape[1]
+        mask = np.ones((1, length), dtype=np.int64)
+        if logits_index is None:
+            logits_index = np.array([length - 1], dtype=np.int64)
         start, past = 0, self._empty_past()
-        if head:
-            start, past = head, self._head_state(ids, head, digest, embeds, positions)
-        logits, cache = self._decode(embeds[:, start:], mask.numpy(), positions[:, :, start:],
+        if encoded.head:
+            start, past = encoded.head, self._head_state(encoded)
+        logits, cache = self._decode(encoded.embeds[:, start:], mask, encoded.positions[:, :, start:],
                                      np.asarray(logits_index) - start, past)
-        return logits, cache, mask.numpy(), int(positions.max()) + 1
+        return logits, cache, mask, int(encoded.positions.max()) + 1
+
+    def _prefill_group(self, encoded: list["_Encoded"], forced: int):
+        """Run the suffixes of prompts that share image and head as one batch on the head's KV state.
+        The suffixes are left-padded, so every row ends at the same position and the logits read are the
+        same columns for all; the mask hides the pads from every query (a pad's own row sees the head,
+        so no row is ever fully masked). Returns logits (rows, max(forced, 1), vocab), the KV cache, the
+        mask and each row's next M-RoPE position."""
+        head = encoded[0].head
+        rows = len(encoded)
+        lengths = [e.ids.shape[1] - head for e in encoded]
+        longest = max(lengths)
+        hidden = encoded[0].embeds.shape[-1]
+        embeds = np.zeros((rows, longest, hidden), dtype=np.float32)
+        positions = np.zeros((3, rows, longest), dtype=np.int64)
+        mask = np.zeros((rows, head + longest), dtype=np.int64)
+        mask[:, :head] = 1
+        for row, (item, length) in enumerate(zip(encoded, lengths)):
+            embeds[row, longest - length:] = item.embeds[0, head:]
+            positions[:, row, longest - length:] = item.positions[:, 0, head:]
+            mask[row, head + longest - length:] = 1
+        past = [np.repeat(array, rows, axis=0) for array in self._head_state(encoded[0])]
+        # forced = n: the logits predicting each row's last n ids; 0: the next token's, after the last id.
+        index = np.arange(longest - 1 - forced, longest - 1) if forced else np.array([longest - 1])
+        logits, cache = self._decode(embeds, mask, positions, index.astype(np.int64), past)
+        return logits, cache, mask, [int(e.positions.max()) + 1 for e in encoded]
 
     def embed_images(self, prompts) -> list:
         from dfj.runtime.base import each
@@ -183,18 +225,19 @@ class OnnxRuntime(Runtime):
             self.vision_cache.popitem(last=False)
         return image_embeds, digest
 
-    def _head_state(self, ids, n: int, digest: str, embeds, positions) -> list[np.ndarray]:
-        """The KV arrays of the first `n` ids: computed once per image and head ids, then reused (ONNX
+    def _head_state(self, encoded: "_Encoded") -> list[np.ndarray]:
+        """The KV arrays of the prompt's head: computed once per image and head ids, then reused (ONNX
         Runtime returns fresh arrays, so a stored state is never modified by later records)."""
         import hashlib
 
-        key = digest + ":" + hashlib.sha256(ids[0, :n].numpy().tobytes()).hexdigest()
+        n = encoded.head
+        key = encoded.digest + ":" + hashlib.sha256(encoded.ids[0, :n].numpy().tobytes()).hexdigest()
         if key in self.prefix_cache:
             self.prefix_cache.move_to_end(key)
             return self.prefix_cache[key]
         mask = np.ones((1, n), dtype=np.int64)
-        _, cache = self._decode(embeds[:, :n], mask, positions[:, :, :n], np.array([n - 1], dtype=np.int64),
-                                self._empty_past())
+        _, cache = self._decode(encoded.embeds[:, :n], mask, encoded.positions[:, :, :n],
+                                np.array([n - 1], dtype=np.int64), self._empty_past())
         self.prefix_cache[key] = cache
         while len(self.prefix_cache) > 4:
             self.prefix_cache.popitem(last=False)
@@ -213,16 +256,81 @@ class OnnxRuntime(Runtime):
 
     # -- work ------------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int, stop: str | None = None, cancel=None) -> list:
-        from dfj.runtime.base import each
-
-        return each(prompts, lambda prompt: self._greedy(prompt, max_new_tokens, stop, cancel))
+        """Greedy outputs; prompts sharing image and head decode together, one batch row each (a decode
+        step reads the weights once for all rows)."""
+        return self._by_group(list(prompts), lambda group: self._greedy_group(group, max_new_tokens, stop, cancel),
+                              lambda prompt: self._greedy(prompt, max_new_tokens, stop, cancel))
 
     def score(self, prompts, scorings) -> list:
-        from dfj.runtime.base import each
-
         if len(prompts) != len(scorings):
             raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
-        return each(list(zip(prompts, scorings)), lambda pair: self._scores(*pair))
+        return self._by_group(list(zip(prompts, scorings)), self._scores_group, lambda pair: self._scores(*pair),
+                              prompt_of=lambda pair: pair[0])
+
+    def _by_group(self, items: list, batched, alone, prompt_of=lambda item: item) -> list:
+        """`batched` on each group of items whose prompts share image and head, `alone` on the rest; a
+        group that fails runs again one item at a time, failures in place."""
+        from dfj.runtime.base import Cancelled, each, groups_by_head
+
+        outputs: list = [None] * len(items)
+        for indices in groups_by_head([prompt_of(item) for item in items]):
+            group = [items[i] for i in indices]
+            if len(group) == 1:
+                results = each(group, alone)
+            else:
+                try:
+                    results = batched(group)
+                except Cancelled as exc:
+                    results = [exc] * len(group)
+                except Exception:  # e.g. one bad prompt in the group: find it, keep the others
+                    results = each(group, alone)
+            for index, result in zip(indices, results):
+                outputs[index] = result
+        return outputs
+
+    def _greedy_group(self, prompts, max_new_tokens: int, stop: str | None, cancel=None) -> list[list[int]]:
+        from dfj.runtime.base import check_cancel
+
+        check_cancel(cancel)
+        encoded = [self._encode(prompt, []) for prompt in prompts]
+        logits, cache, mask, positions = self._prefill_group(encoded, 0)
+        rows = len(prompts)
+        generated: list[list[int]] = [[] for _ in prompts]
+        done = [False] * rows
+        while True:
+            check_cancel(cancel)
+            tokens = [int(t) for t in np.argmax(logits[:, -1], axis=-1)]
+            for row, token in enumerate(tokens):
+                if done[row]:
+                    continue
+                if token in self.eos_ids:
+                    done[row] = True
+                    continue
+                generated[row].append(token)
+                if len(generated[row]) >= max_new_tokens or (stop and self.decode(generated[row]).endswith(stop)):
+                    done[row] = True
+            if all(done):
+                return generated
+            # Finished rows keep stepping (their tokens are ignored): one batch shape for the whole loop.
+            embeds = self.sessions["embed"].run(None, {"input_ids": np.array(tokens, dtype=np.int64)[:, None]})[0]
+            mask = np.concatenate([mask, np.ones((rows, 1), dtype=mask.dtype)], axis=1)
+            step = np.array(positions, dtype=np.int64).reshape(1, rows, 1).repeat(3, axis=0)
+            positions = [p + 1 for p in positions]
+            logits, cache = self._decode(embeds, mask, step, np.array([0], dtype=np.int64), cache)
+
+    def _scores_group(self, pairs) -> list:
+        from dfj.runtime.base import Scores
+
+        span = max(len(scoring.forced) for _, scoring in pairs)
+        if span == 0:
+            raise ValueError("nothing forced to score")  # -> one at a time
+        encoded = [self._encode(prompt, list(scoring.forced)) for prompt, scoring in pairs]
+        logits, *_ = self._prefill_group(encoded, span)
+        results = []
+        for row, (_, scoring) in enumerate(pairs):
+            rows = torch.from_numpy(logits[row, span - len(scoring.forced):]).float()
+            results.append(Scores.from_logprobs(torch.log_softmax(rows, dim=-1), scoring))
+        return results
 
     def _greedy(self, prompt, max_new_tokens: int, stop: str | None, cancel=None) -> list[int]:
         from dfj.runtime.base import check_cancel
