@@ -178,15 +178,21 @@ def test_tied_head_checkpoint_exports_within_tolerance(tiny, tmp_path):
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
 def test_judging_a_file_in_groups_equals_one_record_at_a_time(onnx_fp32, judges, varied_split, mode, tmp_path):
-    """Vision and head caches (stored past key/values) change nothing: grouped output as one record at a
-    time, and a fresh runtime's logits."""
+    """Vision and head caches (stored past key/values) and batched groups change nothing: grouped output
+    as one record at a time, and a fresh runtime's logits."""
     import dfj
     from batch_parity import assert_batch_equals_single
     from dfj.data import read_split
 
     judge = judges(onnx_fp32[mode], max_new_tokens=NEW_TOKENS)
-    assert_batch_equals_single(judge, varied_split[mode], tmp_path, n=10)
     runtime = judge.runtime
+    rows_per_call, decode = [], runtime._decode
+    runtime._decode = lambda embeds, *rest: rows_per_call.append(embeds.shape[0]) or decode(embeds, *rest)
+    try:
+        assert_batch_equals_single(judge, varied_split[mode], tmp_path, n=10)
+    finally:
+        runtime._decode = decode
+    assert max(rows_per_call) > 1  # the groups ran as batches, not one record after another
     assert runtime.prefix_cache and runtime.vision_cache
     record = read_split(varied_split[mode]).records[1]
     args = (record.image, record.label, *record.responses())
