@@ -198,3 +198,24 @@ def test_judging_a_file_in_groups_equals_one_record_at_a_time(onnx_fp32, judges,
     args = (record.image, record.label, *record.responses())
     fresh = dfj.load_judge(str(onnx_fp32[mode]))
     assert np.abs(judge.logprobs(*args, continuation=CONTINUATION) - fresh.logprobs(*args, continuation=CONTINUATION)).max() <= 1e-4
+
+
+def test_forced_scorings_of_different_lengths_in_one_group_equal_one_at_a_time(onnx_fp32, judges, varied_split):
+    """A group's left-padded batch reads each row's own positions: rows shorter than the longest match
+    their single-record logits."""
+    from dfj.data import read_split
+    from dfj.runtime.base import Scoring
+
+    judge = judges(onnx_fp32["pointwise"], max_new_tokens=NEW_TOKENS)
+    first, second = read_split(varied_split["pointwise"]).records[:2]  # two responses on one image
+    assert first.image == second.image
+    prompts = [judge.prepare(first).prompt, judge.prepare(second).prompt]
+    tokenize = judge.runtime.tokenize
+    scorings = [Scoring(tuple(tokenize("<reasoning>The image", False)), full=True),
+                Scoring(tuple(tokenize("<reasoning>The image shows a face with a", False)), full=True)]
+    assert len(scorings[0].forced) < len(scorings[1].forced)
+    together = judge.runtime.score(prompts, scorings)
+    alone = [judge.runtime.score([prompt], [scoring])[0] for prompt, scoring in zip(prompts, scorings)]
+    for batched, single, scoring in zip(together, alone, scorings):
+        assert batched.rows.shape == (len(scoring.forced), single.rows.shape[1])
+        assert np.abs(batched.rows - single.rows).max() <= 1e-4
