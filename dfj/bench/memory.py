@@ -82,7 +82,8 @@ class MemoryCap:
             (self.path / "memory.limit_in_bytes").write_text(str(limit))
         else:
             (self.path / "memory.max").write_text(str(limit))
-            (self.path / "memory.swap.max").write_text("0")
+            if (self.path / "memory.swap.max").is_file():  # absent without swap accounting
+                (self.path / "memory.swap.max").write_text("0")
 
     def enter(self) -> None:
         """Move the calling process into the cgroup (run in the child between fork and exec)."""
