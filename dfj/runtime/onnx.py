@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dfj.hf import ChatEncoder
 from dfj.images import PixelLimits
@@ -162,31 +161,16 @@ class OnnxRuntime(Runtime):
         head = prompt.head + (int(is_image.sum()) - 1 if prompt.head > image_at else 0)
         return _Encoded(ids, embeds, positions.numpy(), head, digest)
 
-    def _prefill(self, prompt, extra_ids: list[int], logits_index: np.ndarray | None):
-        """Run the prompt (plus `extra_ids`). Returns logits (at `logits_index`, positions in the whole
-        sequence; default the last), the KV cache, the attention mask and the next M-RoPE position.
-
-        The image embeddings and the KV state of the prompt's head (shared by the records of one image
-        and label) come from this runtime's caches when seen before."""
-        encoded = self._encode(prompt, extra_ids)
-        length = encoded.ids.shape[1]
-        mask = np.ones((1, length), dtype=np.int64)
-        if logits_index is None:
-            logits_index = np.array([length - 1], dtype=np.int64)
-        start, past = 0, self._empty_past()
-        if encoded.head:
-            start, past = encoded.head, self._head_state(encoded)
-        logits, cache = self._decode(encoded.embeds[:, start:], mask, encoded.positions[:, :, start:],
-                                     np.asarray(logits_index) - start, past)
-        return logits, cache, mask, int(encoded.positions.max()) + 1
-
     def _prefill_group(self, encoded: list["_Encoded"], forced: int):
-        """Run the suffixes of prompts that share image and head as one batch on the head's KV state.
-        The suffixes are left-padded, so every row ends at the same position and the logits read are the
-        same columns for all; the mask hides the pads from every query (a pad's own row sees the head,
-        so no row is ever fully masked). Returns logits (rows, max(forced, 1), vocab), the KV cache, the
-        mask and each row's next M-RoPE position."""
+        """Run the suffixes of prompts that share image and head as one batch on the head's KV state
+        (from the prefix cache; none for a prompt without a head, which runs alone). The suffixes are
+        left-padded, so every row ends at the same position and the logits read are the same columns for
+        all; the mask hides the pads from every query (a pad's own row sees the head, so no row is ever
+        fully masked). Returns logits (rows, max(forced, 1), vocab), the KV cache, the mask and each
+        row's next M-RoPE position."""
         head = encoded[0].head
+        if not head and len(encoded) > 1:
+            raise ValueError("prompts without a shared head run one at a time")
         rows = len(encoded)
         lengths = [e.ids.shape[1] - head for e in encoded]
         longest = max(lengths)
@@ -199,7 +183,7 @@ class OnnxRuntime(Runtime):
             embeds[row, longest - length:] = item.embeds[0, head:]
             positions[:, row, longest - length:] = item.positions[:, 0, head:]
             mask[row, head + longest - length:] = 1
-        past = [np.repeat(array, rows, axis=0) for array in self._head_state(encoded[0])]
+        past = [np.repeat(array, rows, axis=0) for array in self._head_state(encoded[0])] if head else self._empty_past()
         # forced = n: the logits predicting each row's last n ids; 0: the next token's, after the last id.
         index = np.arange(longest - 1 - forced, longest - 1) if forced else np.array([longest - 1])
         logits, cache = self._decode(embeds, mask, positions, index.astype(np.int64), past)
@@ -259,12 +243,12 @@ class OnnxRuntime(Runtime):
         """Greedy outputs; prompts sharing image and head decode together, one batch row each (a decode
         step reads the weights once for all rows)."""
         return self._by_group(list(prompts), lambda group: self._greedy_group(group, max_new_tokens, stop, cancel),
-                              lambda prompt: self._greedy(prompt, max_new_tokens, stop, cancel))
+                              lambda prompt: self._greedy_group([prompt], max_new_tokens, stop, cancel)[0])
 
     def score(self, prompts, scorings) -> list:
         if len(prompts) != len(scorings):
             raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
-        return self._by_group(list(zip(prompts, scorings)), self._scores_group, lambda pair: self._scores(*pair),
+        return self._by_group(list(zip(prompts, scorings)), self._scores_group, lambda pair: self._scores_group([pair])[0],
                               prompt_of=lambda pair: pair[0])
 
     def _by_group(self, items: list, batched, alone, prompt_of=lambda item: item) -> list:
@@ -322,50 +306,16 @@ class OnnxRuntime(Runtime):
         from dfj.runtime.base import Scores
 
         span = max(len(scoring.forced) for _, scoring in pairs)
-        if span == 0:
-            raise ValueError("nothing forced to score")  # -> one at a time
+        if not span:  # nothing forced: no rows to read (forced=0 would read the next token's instead)
+            empty = np.zeros((0, self.config.get_text_config().vocab_size), dtype=np.float32)
+            return [Scores.from_logprobs(empty, scoring) for _, scoring in pairs]
         encoded = [self._encode(prompt, list(scoring.forced)) for prompt, scoring in pairs]
-        logits, *_ = self._prefill_group(encoded, span)
+        logits = self._prefill_group(encoded, span)[0]
         results = []
         for row, (_, scoring) in enumerate(pairs):
             rows = torch.from_numpy(logits[row, span - len(scoring.forced):]).float()
             results.append(Scores.from_logprobs(torch.log_softmax(rows, dim=-1), scoring))
         return results
-
-    def _greedy(self, prompt, max_new_tokens: int, stop: str | None, cancel=None) -> list[int]:
-        from dfj.runtime.base import check_cancel
-
-        check_cancel(cancel)
-        logits, cache, mask, position = self._prefill(prompt, [], None)
-        generated: list[int] = []
-        while True:
-            check_cancel(cancel)
-            token = int(np.argmax(logits[0, -1]))
-            if token in self.eos_ids:
-                break
-            generated.append(token)
-            if len(generated) >= max_new_tokens or (stop and self.decode(generated).endswith(stop)):
-                break
-            embeds = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
-            mask = np.concatenate([mask, np.ones((1, 1), dtype=mask.dtype)], axis=1)
-            positions = np.full((3, 1, 1), position, dtype=np.int64)
-            position += 1
-            logits, cache = self._decode(embeds, mask, positions, np.array([0], dtype=np.int64), cache)
-        return generated
-
-    def _scores(self, prompt, scoring):
-        from dfj.runtime.base import Scores
-
-        length = len(prompt.ids) - 1 + self._image_tokens(prompt.image)
-        index = np.arange(length - 1, length - 1 + len(scoring.forced), dtype=np.int64)
-        logits, *_ = self._prefill(prompt, list(scoring.forced), index)
-        return Scores.from_logprobs(torch.log_softmax(torch.from_numpy(logits[0]).float(), dim=-1), scoring)
-
-    def _image_tokens(self, image: Image.Image) -> int:
-        from dfj.images import PATCH_FACTOR, smart_resize
-
-        height, width = smart_resize(image.height, image.width, self.limits)
-        return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
 
     def describe(self) -> dict[str, Any]:
         providers = self.sessions["decoder"].get_providers()
