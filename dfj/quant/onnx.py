@@ -6,6 +6,7 @@ input through ONNX Runtime on the export probe.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,8 @@ def quantize_onnx(source: Path, out: Path, spec: QuantSpec, manifest, *, overwri
         shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("dfj.json", "onnx.json"))
         onnx_info = dict(manifest.extra.get("onnx", {}))
         onnx_info["quantization"] = quantize_graphs(work, spec.level)
-        output = quantized_manifest(manifest, source, "onnx", spec.method, {}, {"onnx": onnx_info})
-        parity = compare_logits(probe_onnx(source, manifest), probe_onnx(work, output))
+        layout = dataclasses.replace(manifest, extra={**manifest.extra, "onnx": onnx_info})
+        parity = compare_logits(probe_onnx(source, manifest), probe_onnx(work, layout))
         parity.update(reference="onnx-fp32 (input, ONNX Runtime)", tolerance=None)
-        output.parity = parity
-        output.chain[-1] = output.stage("quant")
-        write_manifest(work, output)
+        write_manifest(work, quantized_manifest(manifest, source, "onnx", spec.method, parity, {"onnx": onnx_info}))
     return Path(out).resolve()
