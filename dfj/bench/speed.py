@@ -1,5 +1,6 @@
 """Judge speed: the command line (`dfj judge --data`, the grouped batch-first path) against the
-reference path (transformers `generate`, no caches, one record at a time, as the DFJ scripts do), on
+reference path (transformers `generate`, no caches, one record at a time, weights as loaded, as the
+DFJ scripts do), on
 the same DFJ-shaped split. A benchmark, not a test.
 
     python -m dfj.bench.speed --mode pairwise [--images 2] [--text-layers 4] [--vision-layers 4]
@@ -116,7 +117,8 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
 
     judge_dir = build_bench_judge(folder / f"bench-judge-t{text_layers}-v{vision_layers}", text_layers, vision_layers)
     split = bench_split(folder / f"split-{mode}-{images}", mode, images)
-    judge = dfj.load_judge(str(judge_dir), mode=mode)
+    # The DFJ scripts' path: transformers exactly as loaded, without dfj's packed weights.
+    judge = dfj.load_judge(str(judge_dir), mode=mode, pack_weights=False)
     if mode == "pairwise":
         # A trained pairwise judge writes `<answer>X</answer>` and stops; random weights never stop,
         # so the reference path decodes exactly that many tokens (plus the end-of-turn step).
@@ -127,7 +129,7 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
     n = len(reference)
     ref_total = sum(reference_s)
     torch_row = _command(str(judge_dir), split, folder / f"out-{mode}-torch.jsonl", mode, new_tokens)
-    rows = [{"artifact": "torch (merged fp32)", **_summary(torch_row, ref_total, reference, torch_row, mode)}]
+    rows = [{"artifact": "torch (merged fp32, packed linears)", **_summary(torch_row, ref_total, reference, torch_row, mode)}]
     for quant in artifacts:
         out = _exported(judge_dir, mode, quant)
         row = _command(str(out), split, folder / f"out-{mode}-{quant}.jsonl", mode, new_tokens)
@@ -137,7 +139,7 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
         "mode": mode, "records": n, "images": images, "image_size": IMAGE_SIZE, "text_layers": text_layers,
         "vision_layers": vision_layers, "new_tokens_cap": new_tokens,
         "command": f"dfj judge ARTIFACT --data {split.name} --out OUT (grouped: {n // images} records per image)",
-        "reference": "transformers generate, one record at a time, no caches",
+        "reference": "transformers generate, one record at a time, no caches, plain torch.nn.Linear",
         "reference_per_verdict_s": ref_total / n,
         "rows": rows,
     }

@@ -37,6 +37,19 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
+class TorchOptions(RuntimeOptions):
+    # Linear weights reordered once into oneDNN's layout (`dfj.runtime.torch_packed`): None packs a
+    # merged float32/bfloat16 judge on CPU and leaves anything else as loaded; True insists (an error
+    # where it cannot); False keeps plain `torch.nn.Linear` (transformers exactly as loaded).
+    pack_weights: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pack_weights is not None and not isinstance(self.pack_weights, bool):
+            raise ValueError(f"pack_weights must be True, False or None, not {self.pack_weights!r}")
+
+
+@dataclass(frozen=True)
 class LlamaCppOptions(RuntimeOptions):
     context: int | None = None  # KV positions (default: the runtime's DEFAULT_CONTEXT)
     threads: int | None = None  # CPU threads (default: llama.cpp's)

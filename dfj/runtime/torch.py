@@ -1,5 +1,8 @@
 """The reference runtime: transformers Qwen2.5-VL on CPU (fp32/bf16) or CUDA (bf16).
 
+On CPU a merged float32/bfloat16 judge's linear layers are packed for oneDNN once at load
+(`dfj.runtime.torch_packed`; option `pack_weights`): same arithmetic, summed in another order.
+
 Every processor output goes to the model: without `mm_token_type_ids` transformers 5 silently falls
 back to 1-D positions and every logit after the image is wrong.
 """
@@ -20,8 +23,9 @@ from dfj.sources import Source
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, model, processor, device: str, limits: PixelLimits) -> None:
+    def __init__(self, model, processor, device: str, limits: PixelLimits, packed: int = 0) -> None:
         self.model = model
+        self.packed = packed  # linear layers packed for oneDNN (dfj.runtime.torch_packed)
         self.processor = processor
         self.device = device
         self.limits = limits
@@ -36,12 +40,13 @@ class TorchRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Source, device: str = "cpu", dtype: str | None = None, **options: Any) -> "TorchRuntime":
-        """Options: `dfj.runtime.options.RuntimeOptions` (`limits`)."""
+        """Options: `dfj.runtime.options.TorchOptions` (`limits`, `pack_weights`)."""
         from transformers import AutoProcessor
 
-        from dfj.runtime.options import RuntimeOptions
+        from dfj.runtime.options import TorchOptions
 
-        limits = RuntimeOptions.parse("torch", options).limits
+        opts = TorchOptions.parse("torch", options)
+        limits = opts.limits
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
         torch_dtype = hf.torch_dtype(dtype, device)
@@ -56,7 +61,7 @@ class TorchRuntime(Runtime):
                 processor_dir = source.path
             processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
         limits = limits or source.limits
-        return cls(model, processor, device, limits)
+        return cls(model, processor, device, limits, packed=_pack(model, source, device, opts.pack_weights))
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode_ids(self, image: Image.Image, ids) -> dict[str, torch.Tensor]:
@@ -128,4 +133,22 @@ class TorchRuntime(Runtime):
         return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype)}
+        return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype),
+                "packed_linears": self.packed}
+
+
+def _pack(model, source: Source, device: str, wanted: bool | None) -> int:
+    """Pack the model's linear layers for oneDNN where `wanted` (None: where it can); how many were."""
+    if wanted is False:
+        return 0
+    from dfj.runtime.torch_packed import pack_linears, why_not_packable
+
+    # An unmerged adapter stays as peft built it: its layers read their weights on every call, and it
+    # is the reference that merges are checked against.
+    reason = "an unmerged adapter judge is not packed; export it first" if source.kind == "adapter" else None
+    reason = reason or why_not_packable(model, device)
+    if reason:
+        if wanted:
+            raise ValueError(f"pack_weights=True: {reason}")
+        return 0
+    return pack_linears(model)
