@@ -108,3 +108,84 @@ def test_pairwise_batch(tiny, judges, tiny_split):
     assert "record 3" in verdicts[3].error and "empty" in verdicts[3].error
     single = judge.compare(split.records[0].image, split.records[0].label, split.records[0].response_a, split.records[0].response_b)
     assert single.text == verdicts[0].text
+
+
+# -- oneDNN-packed linear layers (dfj.runtime.torch_packed) ------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_linear_layer_computes_what_torch_linear_computes(dtype):
+    from dfj.runtime.torch_packed import PackedLinear
+
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=True).to(dtype)
+    packed = PackedLinear(linear)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        for shape in [(1, 96), (5, 96), (2, 7, 96)]:  # a decode step, a group's step, a padded prefill
+            x = torch.randn(*shape).to(dtype)
+            expected, got = linear(x).float(), packed(x).float()
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+        with pytest.raises(TypeError, match="got torch.float16 input"):
+            packed(torch.randn(1, 96, dtype=torch.float16))
+
+
+def test_a_merged_judge_on_cpu_is_packed_and_judges_as_the_plain_model(tiny, judges, records):
+    from dfj.runtime.base import Scoring
+
+    packed, plain = judges(tiny("pointwise"), max_new_tokens=MAX_NEW), judges(tiny("pointwise"), max_new_tokens=MAX_NEW, pack_weights=False)
+    # Every linear layer of the text model, the head and the vision tower: none left unpacked.
+    assert packed.runtime.describe()["packed_linears"] > 0 and plain.runtime.describe()["packed_linears"] == 0
+    assert not [name for name, m in packed.runtime.model.named_modules() if type(m) is torch.nn.Linear]
+    group = [packed._prepare(r.image, r.label, r.responses()).prompt for r in records[:5]]
+    assert packed.runtime.generate(group, MAX_NEW) == plain.runtime.generate(group, MAX_NEW)
+    ids = plain.runtime.generate(group[:1], MAX_NEW)[0]
+    a, b = (j.runtime.score(group[:1], [Scoring(tuple(ids), full=True)])[0].rows for j in (packed, plain))
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_weight_packing_is_refused_where_it_cannot_apply_and_skipped_by_default(tiny):
+    import dfj
+
+    with pytest.raises(ValueError, match="unmerged adapter"):
+        dfj.load_judge(str(tiny("pointwise", adapter=True)), pack_weights=True)
+    assert dfj.load_judge(str(tiny("pointwise", adapter=True))).runtime.describe()["packed_linears"] == 0
+    with pytest.raises(ValueError, match="float32 or bfloat16 models, not torch.float16"):
+        dfj.load_judge(str(tiny("pointwise")), dtype="float16", pack_weights=True)
+    with pytest.raises(ValueError, match="pack_weights must be True, False or None"):
+        dfj.load_judge(str(tiny("pointwise")), pack_weights="yes")
+
+
+def test_the_reserving_kv_layer_holds_what_a_dynamic_layer_holds_and_appends_in_place():
+    import copy
+
+    from transformers.cache_utils import DynamicLayer
+
+    from dfj.runtime.torch_cache import RESERVE, ReservingLayer
+
+    torch.manual_seed(0)
+    plain, reserving = DynamicLayer(), ReservingLayer()
+
+    def step(n: int, rows: int = 1):
+        k, v = torch.randn(rows, 2, n, 8), torch.randn(rows, 2, n, 8)
+        expected, got = plain.update(k, v), reserving.update(k, v)
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b)
+
+    step(7)  # a prompt head
+    storage = reserving.keys.untyped_storage().data_ptr()
+    for _ in range(5):  # decode steps write into the same buffer
+        step(1)
+    assert reserving.keys.untyped_storage().data_ptr() == storage and reserving.get_seq_length() == 12
+    for layer in (plain, reserving):  # the previous record's tail is dropped, then overwritten
+        layer.crop(-3)
+    step(2)
+    copied = copy.deepcopy(reserving)
+    assert torch.equal(copied.keys, reserving.keys)
+    for layer in (plain, reserving):
+        layer.batch_repeat_interleave(3)
+    step(1, rows=3)  # new buffers for the repeated rows; the copy is untouched
+    for _ in range(RESERVE + 1):  # past the reserve: a larger buffer, same contents
+        step(1, rows=3)
+    assert copied.get_seq_length() == 11 and reserving.get_seq_length() == 11 + 1 + RESERVE + 1

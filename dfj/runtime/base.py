@@ -183,6 +183,29 @@ def each(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Result]:
     return results
 
 
+def by_group(items: Sequence[Any], batched: Callable[[list], list[Result]], alone: Callable[[Any], Any],
+             prompt_of: Callable[[Any], Prompt] = lambda item: item) -> list[Result]:
+    """Results of `items` in order: `batched` on each group of items whose prompts share image and head
+    (`groups_by_head`), `alone` on an item without company. A group that fails runs again one item at a
+    time, so a bad item carries its own error and costs the others nothing; a cancelled group is not
+    rerun (every item gets the `Cancelled`)."""
+    outputs: list[Result] = [None] * len(items)
+    for indices in groups_by_head([prompt_of(item) for item in items]):
+        group = [items[i] for i in indices]
+        if len(group) == 1:
+            results = each(group, alone)
+        else:
+            try:
+                results = batched(group)
+            except Cancelled as exc:
+                results = [exc] * len(group)
+            except Exception:  # noqa: BLE001 - e.g. one bad prompt in the group: find it, keep the others
+                results = each(group, alone)
+        for index, result in zip(indices, results):
+            outputs[index] = result
+    return outputs
+
+
 def groups_by_head(prompts: Sequence[Prompt]) -> list[list[int]]:
     """Indices of prompts sharing image and head ids, in first-seen order (a runtime runs each group's
     head once); a prompt with no head is a group of its own."""

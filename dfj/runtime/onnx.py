@@ -242,35 +242,18 @@ class OnnxRuntime(Runtime):
     def generate(self, prompts, max_new_tokens: int, stop: str | None = None, cancel=None) -> list:
         """Greedy outputs; prompts sharing image and head decode together, one batch row each (a decode
         step reads the weights once for all rows)."""
-        return self._by_group(list(prompts), lambda group: self._greedy_group(group, max_new_tokens, stop, cancel),
-                              lambda prompt: self._greedy_group([prompt], max_new_tokens, stop, cancel)[0])
+        from dfj.runtime.base import by_group
+
+        return by_group(list(prompts), lambda group: self._greedy_group(group, max_new_tokens, stop, cancel),
+                        lambda prompt: self._greedy_group([prompt], max_new_tokens, stop, cancel)[0])
 
     def score(self, prompts, scorings) -> list:
         if len(prompts) != len(scorings):
             raise ValueError(f"{len(prompts)} prompts but {len(scorings)} scorings")
-        return self._by_group(list(zip(prompts, scorings)), self._scores_group, lambda pair: self._scores_group([pair])[0],
-                              prompt_of=lambda pair: pair[0])
+        from dfj.runtime.base import by_group
 
-    def _by_group(self, items: list, batched, alone, prompt_of=lambda item: item) -> list:
-        """`batched` on each group of items whose prompts share image and head, `alone` on the rest; a
-        group that fails runs again one item at a time, failures in place."""
-        from dfj.runtime.base import Cancelled, each, groups_by_head
-
-        outputs: list = [None] * len(items)
-        for indices in groups_by_head([prompt_of(item) for item in items]):
-            group = [items[i] for i in indices]
-            if len(group) == 1:
-                results = each(group, alone)
-            else:
-                try:
-                    results = batched(group)
-                except Cancelled as exc:
-                    results = [exc] * len(group)
-                except Exception:  # e.g. one bad prompt in the group: find it, keep the others
-                    results = each(group, alone)
-            for index, result in zip(indices, results):
-                outputs[index] = result
-        return outputs
+        return by_group(list(zip(prompts, scorings)), self._scores_group, lambda pair: self._scores_group([pair])[0],
+                        prompt_of=lambda pair: pair[0])
 
     def _greedy_group(self, prompts, max_new_tokens: int, stop: str | None, cancel=None) -> list[list[int]]:
         from dfj.runtime.base import check_cancel
