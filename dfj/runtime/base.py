@@ -206,6 +206,12 @@ def by_group(items: Sequence[Any], batched: Callable[[list], list[Result]], alon
     return outputs
 
 
+def generation_done(ids: Sequence[int], max_new_tokens: int, stop: str | None, decode: Callable[[Sequence[int]], str]) -> bool:
+    """Whether greedy generation of `ids` stops here: `max_new_tokens` reached, or the decoded text ends
+    with `stop` (the end-of-turn token is each runtime's own check, before the id is appended)."""
+    return len(ids) >= max_new_tokens or bool(stop) and decode(ids).endswith(stop)
+
+
 def groups_by_head(prompts: Sequence[Prompt]) -> list[list[int]]:
     """Indices of prompts sharing image and head ids, in first-seen order (a runtime runs each group's
     head once); a prompt with no head is a group of its own."""

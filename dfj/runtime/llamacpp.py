@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from dfj.images import PixelLimits, fit_to_grid
-from dfj.runtime.base import Cancelled, Prompt, Runtime, Scores, Scoring, check_cancel, image_block
+from dfj.runtime.base import Cancelled, Prompt, Runtime, Scores, Scoring, check_cancel, generation_done, image_block
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
@@ -454,7 +454,7 @@ class LlamaCppRuntime(Runtime):
                         results[j] = generated[j]
                         continue
                     generated[j].append(token)
-                    if len(generated[j]) >= max_new_tokens or (stop and self.decode(generated[j]).endswith(stop)):
+                    if generation_done(generated[j], max_new_tokens, stop, self.decode):
                         results[j] = generated[j]
                     elif position[j] >= self.context_length:
                         results[j] = ValueError(f"generation ran past the context of {self.context_length} tokens")

@@ -16,7 +16,7 @@ import torch
 
 from dfj.hf import ChatEncoder
 from dfj.images import PixelLimits
-from dfj.runtime.base import Runtime
+from dfj.runtime.base import Runtime, generation_done
 
 
 def vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vision_config: Any) -> dict[str, torch.Tensor]:
@@ -274,7 +274,7 @@ class OnnxRuntime(Runtime):
                     done[row] = True
                     continue
                 generated[row].append(token)
-                if len(generated[row]) >= max_new_tokens or (stop and self.decode(generated[row]).endswith(stop)):
+                if generation_done(generated[row], max_new_tokens, stop, self.decode):
                     done[row] = True
             if all(done):
                 return generated

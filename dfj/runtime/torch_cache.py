@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from dfj.runtime.base import check_cancel
+from dfj.runtime.base import check_cancel, generation_done
 
 VISION_ENTRIES = 16
 PREFIX_ENTRIES = 4
@@ -150,7 +150,7 @@ class CachedForward:
             if token in eos_ids:
                 break
             generated.append(token)
-            if stop and self.runtime.decode(generated[-8:]).endswith(stop) and self.runtime.decode(generated).endswith(stop):
+            if generation_done(generated, max_new_tokens, stop, self.runtime.decode):
                 break
             embeds = self.text.embed_tokens(torch.tensor([[token]], device=prompt.ids.device))
             positions = torch.full((3, 1, 1), position, dtype=prompt.positions.dtype, device=prompt.ids.device)
@@ -237,7 +237,7 @@ class CachedForward:
                     done[row] = True
                     continue
                 generated[row].append(token)
-                if len(generated[row]) >= max_new_tokens or (stop and self.runtime.decode(generated[row]).endswith(stop)):
+                if generation_done(generated[row], max_new_tokens, stop, self.runtime.decode):
                     done[row] = True
             if all(done):
                 break
