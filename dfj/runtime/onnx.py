@@ -288,10 +288,7 @@ class OnnxRuntime(Runtime):
     def _scores_group(self, pairs) -> list:
         from dfj.runtime.base import Scores
 
-        span = max(len(scoring.forced) for _, scoring in pairs)
-        if not span:  # nothing forced: no rows to read (forced=0 would read the next token's instead)
-            empty = np.zeros((0, self.config.get_text_config().vocab_size), dtype=np.float32)
-            return [Scores.from_logprobs(empty, scoring) for _, scoring in pairs]
+        span = max(len(scoring.forced) for _, scoring in pairs)  # >= 1: a Scoring forces at least one id
         encoded = [self._encode(prompt, list(scoring.forced)) for prompt, scoring in pairs]
         logits = self._prefill_group(encoded, span)[0]
         results = []
