@@ -1,7 +1,6 @@
 """Judge speed: the command line (`dfj judge --data`, the grouped batch-first path) against the
 reference path (transformers `generate`, no caches, one record at a time, weights as loaded, as the
-DFJ scripts do), on
-the same DFJ-shaped split. A benchmark, not a test.
+DFJ scripts do), on the same DFJ-shaped split. A benchmark, not a test.
 
     python -m dfj.bench.speed --mode pairwise [--images 2] [--text-layers 4] [--vision-layers 4]
                               [--artifacts gguf-q8_0 gguf-q4_k_m onnx-int8 …] [--out docs/speed-pairwise.json]
