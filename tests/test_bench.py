@@ -21,7 +21,7 @@ REPORT_KEYS = {"schema", "created", "data", "tolerance", "reference", "artifacts
 JUDGE_KEYS = {"name", "source", "runtime", "device", "dtype", "format", "quant", "error", "quality", "cost"}
 ARTIFACT_KEYS = JUDGE_KEYS | {"agreement", "parity", "vision", "delta", "failures", "passed"}
 VISION_KEYS = {"images", "cos_min", "cos_mean", "rel_l2_max", "rel_l2_mean", "errors"}
-COST_KEYS = {"load_s", "latency_p50_s", "latency_p95_s", "records_per_s", "peak_rss_mb", "size_bytes"}
+COST_KEYS = {"import_s", "load_s", "latency_p50_s", "latency_p95_s", "records_per_s", "peak_rss_mb", "size_bytes"}
 PARITY_KEYS = {"tokens", "kld_mean", "kld_p99", "kld_max", "rms_delta_p", "top1_agreement", "errors"}
 
 

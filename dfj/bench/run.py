@@ -1,7 +1,8 @@
 """`dfj bench`: run a reference judge and exported judges over one DFJ split and compare them.
 
-Each judge runs in its own worker process (`dfj.bench.worker`) with a cache folder in the report
-folder, so an interrupted bench resumes. The report holds, per judge: quality against the gold labels,
+Each judge runs in its own worker process (`dfj.bench.worker`, forked from a server per runtime that
+imported its libraries once: `dfj.bench.forkserver`) with a cache folder in the report folder, so an
+interrupted bench resumes. The report holds, per judge: quality against the gold labels,
 cost (load time, latency, throughput, peak memory, size), and for each artifact the deltas to the
 reference, verdict agreement and logit parity, with a tolerance gate. Keys are documented in
 `docs/bench.md` and versioned by `schema`.
@@ -14,8 +15,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dfj.bench.metrics import pairwise_quality, pointwise_quality
+from dfj.bench.forkserver import WorkerServers
 from dfj.bench.parity import TokenParity, summarize, summarize_vision
 from dfj.bench.worker import STATS, VISION, WorkerSpec, finished
 from dfj.tolerances import bench_defaults
@@ -134,19 +134,20 @@ def run_bench(
 
     ref_key = _cache_key(reference, "reference", data_hash, common)
     ref_cache = report_dir / "cache" / ref_key
-    ref_run = _run_worker(reference, WorkerSpec(source=reference.source, role="reference", cache=str(ref_cache),
-                                                runtime=reference.runtime, device=reference.device,
-                                                dtype=reference.dtype, **common), progress)
-    if ref_run["error"]:
-        raise BenchError(f"the reference {reference.source} failed: {ref_run['error']}")
-    ref_rows = ref_run["rows"]
-    entries = []
-    for judge in artifacts:
-        key = _cache_key(judge, "artifact", data_hash, common, extra=ref_key)
-        run = _run_worker(judge, WorkerSpec(source=judge.source, role="artifact", cache=str(report_dir / "cache" / key),
-                                            runtime=judge.runtime, device=judge.device, dtype=judge.dtype,
-                                            reference_cache=str(ref_cache), **common), progress)
-        entries.append(_artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance))
+    with WorkerServers(report_dir / "cache") as servers:
+        ref_run = _run_worker(servers, reference, WorkerSpec(
+            source=reference.source, role="reference", cache=str(ref_cache), runtime=reference.runtime,
+            device=reference.device, dtype=reference.dtype, **common), progress)
+        if ref_run["error"]:
+            raise BenchError(f"the reference {reference.source} failed: {ref_run['error']}")
+        ref_rows = ref_run["rows"]
+        entries = []
+        for judge in artifacts:
+            key = _cache_key(judge, "artifact", data_hash, common, extra=ref_key)
+            run = _run_worker(servers, judge, WorkerSpec(
+                source=judge.source, role="artifact", cache=str(report_dir / "cache" / key), runtime=judge.runtime,
+                device=judge.device, dtype=judge.dtype, reference_cache=str(ref_cache), **common), progress)
+            entries.append(_artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance))
     report = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -194,25 +195,23 @@ def _source_identity(source: str) -> Any:
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for folder in folders for p in sorted(Path(folder).iterdir()) if p.is_file()]
 
 
-def _run_worker(judge: BenchJudge, spec: WorkerSpec, progress: Progress | None) -> dict[str, Any]:
+def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, progress: Progress | None) -> dict[str, Any]:
     cache = Path(spec.cache)
     cache.mkdir(parents=True, exist_ok=True)
     spec_path = cache / "spec.json"
     spec.write(spec_path)
     log_path = cache / "worker.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dfj.bench.worker", str(spec_path)], stdout=subprocess.PIPE,
-                                stderr=log, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            parts = line.decode(errors="replace").split()
-            if len(parts) == 3 and parts[0] == "PROGRESS" and progress:
-                progress(judge.name(), int(parts[1]), int(parts[2]))
-        proc.wait()
+
+    def on_line(line: str) -> None:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "PROGRESS" and progress:
+            progress(judge.name(), int(parts[1]), int(parts[2]))
+
+    returncode = servers.run(spec.runtime, spec_path, log_path, on_line)
     error = None
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        error = f"worker exited with status {proc.returncode}: {tail[0]} (log: {log_path})"
+        error = f"worker exited with status {returncode}: {tail[0]} (log: {log_path})"
     rows = finished(cache)
     vision = list(finished(cache, VISION, "image").values())
     stats = json.loads((cache / STATS).read_text()) if (cache / STATS).is_file() and not error else {}
@@ -249,6 +248,7 @@ def _judge_entry(judge: BenchJudge, run: dict[str, Any], mode: str, gold: list, 
         "error": run["error"],
         "quality": _quality(mode, predictions, gold, has_gold) if len(rows) == len(gold) else None,
         "cost": {
+            "import_s": run["stats"].get("import_s"),
             "load_s": run["stats"].get("load_s"),
             "latency_p50_s": float(np.percentile(latencies, 50)) if latencies.size else None,
             "latency_p95_s": float(np.percentile(latencies, 95)) if latencies.size else None,

@@ -1,4 +1,5 @@
-"""One judge's bench run, in its own process: `python -m dfj.bench.worker SPEC.json`.
+"""One judge's bench run, in its own process, forked by the bench's server for its runtime
+(`dfj.bench.forkserver`).
 
 A process per judge gives each its own load time and peak memory, and an artifact that crashes its
 runtime cannot take the bench down. Every finished record is appended (and flushed) to the judge's
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,7 +71,9 @@ def _rewrite_complete(path: Path, rows: dict[int, dict[str, Any]]) -> None:
         path.write_bytes(b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows.values()))
 
 
-def run(spec: WorkerSpec) -> None:
+def run(spec: WorkerSpec, import_s: float | None = None) -> None:
+    """Judge `spec`'s records not yet in its cache. `import_s`: how long the runtime's libraries took to
+    import, once, in the server this worker was forked from (not part of `load_s`)."""
     import dfj
     from dfj.data import read_split
 
@@ -81,7 +83,7 @@ def run(spec: WorkerSpec) -> None:
     _rewrite_complete(cache / VERDICTS, done)
     todo = [i for i in spec.indices if i not in done]
     reference_rows = finished(Path(spec.reference_cache)) if spec.reference_cache else {}
-    stats: dict[str, Any] = {"load_s": None, "peak_rss_mb": None, "judged_this_run": 0}
+    stats: dict[str, Any] = {"import_s": import_s, "load_s": None, "peak_rss_mb": None, "judged_this_run": 0}
     print(f"PROGRESS {len(spec.indices) - len(todo)} {len(spec.indices)}", flush=True)
     records = read_split(spec.data, mode=spec.mode).records
     seen = finished(cache, VISION, "image")
@@ -207,14 +209,3 @@ def _parity_row(judge, record, index: int, verdict, latency: float, spec: Worker
     except Exception as exc:
         row["parity_error"] = f"{type(exc).__name__}: {exc}"
     return row
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m dfj.bench.worker SPEC.json")
-    run(WorkerSpec.read(Path(args[0])))
-
-
-if __name__ == "__main__":
-    main()
