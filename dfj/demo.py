@@ -46,49 +46,83 @@ DEMO_ARTIFACTS: tuple[DemoArtifact, ...] = (
 )
 
 
+MODES = ("pointwise", "pairwise")
+
+
 def run_demo(cache: Path | None = None, records: int = 40) -> bool:
+    from dfj.bench.forkserver import WorkerServers
     from dfj.bench.report import print_report
     from dfj.bench.run import BenchJudge, default_runtime, run_bench
-    from dfj.export import export
-    from dfj.manifest import verify
-    from dfj.quant import quantize
     from dfj.tiny import default_cache, trained_tiny_judge, trained_tiny_split
 
     if cache is not None:
         os.environ["DFJ_CACHE"] = str(cache)
     root = default_cache() / "demo"
     started = time.perf_counter()
+    adapters = {mode: trained_tiny_judge(mode) for mode in MODES}  # the first run on a machine trains them here
+    _build_both_modes(root)
     passed = True
-    for mode in ("pointwise", "pairwise"):
-        adapter = trained_tiny_judge(mode)
-        artifacts = []
-        for item in DEMO_ARTIFACTS:
-            out = root / mode / item.name
-            source = adapter if item.source is None else root / mode / item.source
-            options = dict(item.options)
-            if not _current(out, item, source):
-                verb = "exporting" if item.stage == "export" else "quantizing"
-                console.print(f"[bold]{mode}[/bold]: {verb} {source.name} -> {item.name} ({item.format}) -> {out}")
-                if item.stage == "export":
-                    export(source, out, item.format, overwrite=True, **options)
-                else:
-                    if item.format.startswith("gptq"):
-                        options["calibration"] = trained_tiny_split(mode, "train")
-                    quantize(source, out, item.format, overwrite=True, **options)
-            verify(out)
-            artifacts.append(BenchJudge(str(out), default_runtime(str(out)), label=item.name))
-        with bench_progress() as progress:
-            report = run_bench(BenchJudge(str(adapter), "torch", label="reference (base+LoRA)"), artifacts,
-                               trained_tiny_split(mode, "test"), root / mode / "bench", limit=records,
-                               progress=progress)
-        print_report(report)
-        console.print(f"report: {root / mode / 'bench' / 'report.md'}")
-        lossless = {item.name for item in DEMO_ARTIFACTS if item.lossless}
-        passed &= all(entry["passed"] for entry in report["artifacts"] if entry["name"] in lossless)
+    with WorkerServers(root / "worker-servers") as servers:  # one per runtime for both benches
+        for mode in MODES:
+            artifacts = [BenchJudge(str(root / mode / item.name), default_runtime(str(root / mode / item.name)),
+                                    label=item.name) for item in DEMO_ARTIFACTS]
+            with bench_progress() as progress:
+                report = run_bench(BenchJudge(str(adapters[mode]), "torch", label="reference (base+LoRA)"), artifacts,
+                                   trained_tiny_split(mode, "test"), root / mode / "bench", limit=records,
+                                   progress=progress, servers=servers)
+            print_report(report)
+            console.print(f"report: {root / mode / 'bench' / 'report.md'}")
+            lossless = {item.name for item in DEMO_ARTIFACTS if item.lossless}
+            passed &= all(entry["passed"] for entry in report["artifacts"] if entry["name"] in lossless)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s: "
                   + ("[green]the lossless artifacts match the reference; lossy ones are measured above[/green]"
                      if passed else "[red]a lossless artifact does not match the reference[/red]"))
     return passed
+
+
+def _build_both_modes(root: Path) -> None:
+    """Build the two modes' artifacts at once, each mode's chain in a process of its own with half the
+    cores: the chains are independent and mostly single-threaded Python (tracing, quantizer loops,
+    file writing), so on 2 cores this takes little more than the longer chain. The benches run after
+    it, one judge at a time, so nothing else runs while they measure."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, len(os.sched_getaffinity(0)) // len(MODES))
+    with ProcessPoolExecutor(len(MODES), mp_context=multiprocessing.get_context("spawn"), initializer=_use_threads,
+                             initargs=(threads,)) as pool:
+        for future in [pool.submit(build_mode, mode, root) for mode in MODES]:
+            future.result()
+
+
+def _use_threads(threads: int) -> None:
+    # Before any library that reads it is imported in this fresh (spawned) process.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def build_mode(mode: str, root: Path) -> None:
+    """Export and quantize every demo artifact of `mode` under `root / mode` (those already built from
+    the same source are kept) and verify each."""
+    from dfj.export import export
+    from dfj.manifest import verify
+    from dfj.quant import quantize
+    from dfj.tiny import trained_tiny_judge, trained_tiny_split
+
+    adapter = trained_tiny_judge(mode)
+    for item in DEMO_ARTIFACTS:
+        out = root / mode / item.name
+        source = adapter if item.source is None else root / mode / item.source
+        options = dict(item.options)
+        if not _current(out, item, source):
+            verb = "exporting" if item.stage == "export" else "quantizing"
+            console.print(f"[bold]{mode}[/bold]: {verb} {source.name} -> {item.name} ({item.format}) -> {out}")
+            if item.stage == "export":
+                export(source, out, item.format, overwrite=True, **options)
+            else:
+                if item.format.startswith("gptq"):
+                    options["calibration"] = trained_tiny_split(mode, "train")
+                quantize(source, out, item.format, overwrite=True, **options)
+        verify(out)
 
 
 def _current(out: Path, item: DemoArtifact, source: Path) -> bool:

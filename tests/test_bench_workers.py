@@ -46,6 +46,9 @@ def test_a_worker_server_outlives_a_failing_worker_and_is_replaced_when_killed(m
         assert "worker server exited" in log.read_text()
         spec, log, _ = _spec(tmp_path, "again", merged("pairwise"), data)
         assert servers.run("torch", spec, log, lines.append) == 0 and servers.servers["torch"].pid != first
+        running = servers.servers["torch"].pid
+        servers.start(["torch", "llamacpp"])  # a running server is kept; a missing one is started and ready
+        assert servers.servers["torch"].pid == running and "llamacpp" in servers.import_s
     assert not servers.servers
 
 

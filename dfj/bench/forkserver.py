@@ -79,21 +79,38 @@ class WorkerServers:
     def _log(self, runtime: str) -> Path:
         return self.logs / f"worker-server-{runtime}.log"
 
-    def _server(self, runtime: str) -> subprocess.Popen:
+    def start(self, runtimes) -> None:
+        """Start the servers of `runtimes` that are not running, side by side (each imports on one core),
+        and wait until each is ready: nothing is being measured yet."""
+        started = [runtime for runtime in sorted(set(runtimes)) if not self._running(runtime)]
+        for runtime in started:
+            self._launch(runtime)
+        for runtime in started:
+            self._ready(runtime)
+
+    def _running(self, runtime: str) -> bool:
         server = self.servers.get(runtime)
-        if server is not None and server.poll() is None:
-            return server
+        return server is not None and server.poll() is None
+
+    def _server(self, runtime: str) -> subprocess.Popen:
+        if not self._running(runtime):
+            self._launch(runtime)
+            self._ready(runtime)
+        return self.servers[runtime]
+
+    def _launch(self, runtime: str) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self._log(runtime), "ab") as log:
-            server = subprocess.Popen([sys.executable, "-m", "dfj.bench.forkserver", runtime], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        self.servers[runtime] = server
-        assert server.stdout is not None
-        ready = server.stdout.readline()
+            self.servers[runtime] = subprocess.Popen(
+                [sys.executable, "-m", "dfj.bench.forkserver", runtime], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, text=True, bufsize=1, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+    def _ready(self, runtime: str) -> None:
+        stdout = self.servers[runtime].stdout
+        assert stdout is not None
+        ready = stdout.readline()
         if ready.startswith("READY "):
             self.import_s[runtime] = float(ready.split()[1])
-        return server
 
     def _stop(self, runtime: str) -> None:
         server = self.servers.pop(runtime, None)

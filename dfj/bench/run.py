@@ -25,7 +25,7 @@ import numpy as np
 from dfj.bench.metrics import pairwise_quality, pointwise_quality
 from dfj.bench.forkserver import WorkerServers
 from dfj.bench.parity import TokenParity, summarize, summarize_vision
-from dfj.bench.worker import STATS, VISION, WorkerSpec, finished
+from dfj.bench.worker import STATS, VISION, WorkerSpec, finished, keep_cached_stats, pending
 from dfj.tolerances import bench_defaults
 
 SCHEMA = "dfj-bench/1"
@@ -108,8 +108,10 @@ def run_bench(
     max_new_tokens: int | None = None,
     tolerance: dict[str, float] | None = None,
     progress: Progress | None = None,
+    servers: WorkerServers | None = None,
 ) -> dict[str, Any]:
-    """Run the bench and write report.json / report.md / report.png into `report_dir`."""
+    """Run the bench and write report.json / report.md / report.png into `report_dir`. `servers`: worker
+    servers to use and leave running (a caller running several benches); by default the bench's own."""
     from dfj.data import read_split
     from dfj.sources import resolve
 
@@ -134,20 +136,24 @@ def run_bench(
 
     ref_key = _cache_key(reference, "reference", data_hash, common)
     ref_cache = report_dir / "cache" / ref_key
-    with WorkerServers(report_dir / "cache") as servers:
-        ref_run = _run_worker(servers, reference, WorkerSpec(
-            source=reference.source, role="reference", cache=str(ref_cache), runtime=reference.runtime,
-            device=reference.device, dtype=reference.dtype, **common), progress)
+    ref_spec = WorkerSpec(source=reference.source, role="reference", cache=str(ref_cache), runtime=reference.runtime,
+                          device=reference.device, dtype=reference.dtype, **common)
+    specs = [WorkerSpec(source=judge.source, role="artifact",
+                        cache=str(report_dir / "cache" / _cache_key(judge, "artifact", data_hash, common, extra=ref_key)),
+                        runtime=judge.runtime, device=judge.device, dtype=judge.dtype, reference_cache=str(ref_cache),
+                        **common) for judge in artifacts]
+    owned = servers is None
+    servers = servers or WorkerServers(report_dir / "cache")
+    try:
+        servers.start(spec.runtime for spec in [ref_spec, *specs] if pending(spec, split.records))
+        ref_run = _run_worker(servers, reference, ref_spec, split.records, progress)
         if ref_run["error"]:
             raise BenchError(f"the reference {reference.source} failed: {ref_run['error']}")
-        ref_rows = ref_run["rows"]
-        entries = []
-        for judge in artifacts:
-            key = _cache_key(judge, "artifact", data_hash, common, extra=ref_key)
-            run = _run_worker(servers, judge, WorkerSpec(
-                source=judge.source, role="artifact", cache=str(report_dir / "cache" / key), runtime=judge.runtime,
-                device=judge.device, dtype=judge.dtype, reference_cache=str(ref_cache), **common), progress)
-            entries.append(_artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance))
+        entries = [_artifact_entry(judge, _run_worker(servers, judge, spec, split.records, progress), ref_run["rows"],
+                                   mode, gold, has_gold, tolerance) for judge, spec in zip(artifacts, specs)]
+    finally:
+        if owned:
+            servers.close()
     report = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -195,7 +201,8 @@ def _source_identity(source: str) -> Any:
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for folder in folders for p in sorted(Path(folder).iterdir()) if p.is_file()]
 
 
-def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, progress: Progress | None) -> dict[str, Any]:
+def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, records, progress: Progress | None) -> dict[str, Any]:
+    """Run `spec`'s worker, unless its cache already holds the whole run; then read what it holds."""
     cache = Path(spec.cache)
     cache.mkdir(parents=True, exist_ok=True)
     spec_path = cache / "spec.json"
@@ -207,7 +214,11 @@ def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, pro
         if len(parts) == 3 and parts[0] == "PROGRESS" and progress:
             progress(judge.name(), int(parts[1]), int(parts[2]))
 
-    returncode = servers.run(spec.runtime, spec_path, log_path, on_line)
+    if not pending(spec, records) and keep_cached_stats(spec):
+        returncode = 0
+        on_line(f"PROGRESS {len(spec.indices)} {len(spec.indices)}")
+    else:
+        returncode = servers.run(spec.runtime, spec_path, log_path, on_line)
     error = None
     if returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]

@@ -71,6 +71,23 @@ def _rewrite_complete(path: Path, rows: dict[int, dict[str, Any]]) -> None:
         path.write_bytes(b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows.values()))
 
 
+def pending(spec: WorkerSpec, records) -> bool:
+    """Whether `spec` has records or images its cache does not hold yet (`records`: the split's)."""
+    cache = Path(spec.cache)
+    done, seen = finished(cache), finished(cache, VISION, "image")
+    return any(i not in done for i in spec.indices) or any(image_key(records[i].image) not in seen for i in spec.indices)
+
+
+def keep_cached_stats(spec: WorkerSpec) -> bool:
+    """For a run whose every verdict is cached: keep the cost of the run that judged, with nothing judged
+    this time. False if there is no such cost to keep."""
+    path = Path(spec.cache) / STATS
+    if not path.is_file():
+        return False
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "judged_this_run": 0}), encoding="utf-8")
+    return True
+
+
 def run(spec: WorkerSpec, import_s: float | None = None) -> None:
     """Judge `spec`'s records not yet in its cache. `import_s`: how long the runtime's libraries took to
     import, once, in the server this worker was forked from (not part of `load_s`)."""
@@ -110,9 +127,8 @@ def run(spec: WorkerSpec, import_s: float | None = None) -> None:
                 sink.write((json.dumps(row) + "\n").encode())
                 sink.flush()
         stats["peak_rss_mb"] = peak_rss_mb()
-    if not todo and (cache / STATS).is_file():  # verdicts all cached: keep the cost of the run that judged
-        stats = {**json.loads((cache / STATS).read_text(encoding="utf-8")), "judged_this_run": 0}
-    (cache / STATS).write_text(json.dumps(stats), encoding="utf-8")
+    if not (not todo and keep_cached_stats(spec)):
+        (cache / STATS).write_text(json.dumps(stats), encoding="utf-8")
 
 
 def peak_rss_mb() -> float:
