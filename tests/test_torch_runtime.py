@@ -189,3 +189,26 @@ def test_the_reserving_kv_layer_holds_what_a_dynamic_layer_holds_and_appends_in_
     for _ in range(RESERVE + 1):  # past the reserve: a larger buffer, same contents
         step(1, rows=3)
     assert copied.get_seq_length() == 11 and reserving.get_seq_length() == 11 + 1 + RESERVE + 1
+
+
+def test_a_processor_is_read_once_per_content_and_each_caller_gets_its_own_image_processor(tiny, tmp_path):
+    """Every artifact of a judge carries the same tokenizer files; an export and its probes read them a
+    dozen times. The cache keys on their content, never on the folder, and never shares pixel limits."""
+    import shutil
+
+    from dfj import hf
+
+    source = tiny("pairwise")
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    first, second = hf.load_processor(source), hf.load_processor(copy)
+    assert first.tokenizer is second.tokenizer and first.image_processor is not second.image_processor
+    first.image_processor.size = {"shortest_edge": 1, "longest_edge": 2}
+    assert hf.load_processor(copy).image_processor.size != first.image_processor.size
+    assert hf.ChatEncoder(first).plain is hf.ChatEncoder(second).plain
+
+    changed = tmp_path / "changed"
+    shutil.copytree(source, changed)
+    template = changed / "chat_template.jinja"
+    template.write_text(template.read_text() + "\n")
+    assert hf.load_processor(changed).tokenizer is not first.tokenizer

@@ -367,13 +367,10 @@ def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, nor
                  memory: int | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Probe logits of the GGUF files (through llama.cpp) against transformers on the merged model, in
     `dtype` (its layers streamed from disk when it is bigger than the probe's memory budget)."""
-    from transformers import AutoProcessor
-
     from dfj.export.lora_merge import bounded_probe_logits
     from dfj.export.probe import as_logprobs, compare_logits
 
-    with hf.quiet_transformers():
-        processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
+    processor = hf.load_processor(merged)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
     reference = as_logprobs(bounded_probe_logits(merged, processor, mode, dtype, **({} if memory is None else {"memory": memory})))
     parity = compare_logits(reference, gguf_probe_logits(folder, mode, limits, normalizer, len(reference)))

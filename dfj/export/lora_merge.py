@@ -236,15 +236,12 @@ def export_merged(
     probe_memory: int = PROBE_MEMORY_BYTES,
 ) -> Path:
     """Write the merged judge to `out` (atomically) and return its path."""
-    from transformers import AutoProcessor
-
     resolved = resolve(source, mode=mode)
     model_dir = resolved.base if resolved.kind == "adapter" else resolved.path
     adapter_dir = resolved.path if resolved.kind == "adapter" else None
     saved_dtype = hf.checkpoint_dtype(model_dir) if dtype == "auto" else str(hf.torch_dtype(dtype, "cpu")).removeprefix("torch.")
     limits = limits or resolved.limits
-    with hf.quiet_transformers():
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    processor = hf.load_processor(model_dir)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
     with staged_folder(out, overwrite=overwrite) as work:
         merge_info = stream_merge(model_dir, adapter_dir, work, saved_dtype)  # checks the adapter first

@@ -234,8 +234,6 @@ def export_onnx(
 
     `external_data`: keep weights in `<graph>.onnx.data` files (default: only graphs over 1.8 GB).
     """
-    from transformers import AutoProcessor
-
     from dfj.export.probe import compare_logits, lossless_tolerance
 
     if quant not in QUANTS:
@@ -244,7 +242,7 @@ def export_onnx(
     model_dir = resolved.base if resolved.kind == "adapter" else resolved.path
     limits = limits or resolved.limits
     with hf.quiet_transformers():
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        processor = hf.load_processor(model_dir)
         model = hf.load_model(model_dir, dtype=torch.float32)
         if resolved.kind == "adapter":
             model = hf.apply_adapter(model, resolved.path).merge_and_unload()

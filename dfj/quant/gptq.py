@@ -129,7 +129,6 @@ def verify_gptq(folder: Path, merged: Path, mode: str, limits: PixelLimits) -> d
     """Reload through transformers (pure-torch kernel) and check packing, vision density and probe logits."""
     import torch
     from safetensors import safe_open
-    from transformers import AutoProcessor
 
     from dfj import hf
     from dfj.export.checkpoint import Checkpoint
@@ -165,7 +164,7 @@ def verify_gptq(folder: Path, merged: Path, mode: str, limits: PixelLimits) -> d
     source = Checkpoint(merged)
     dense_params = sum(source.numel(key) for key in source.keys()
                        if key.endswith(wanted) and "visual" not in key)
-    processor = AutoProcessor.from_pretrained(merged, local_files_only=True)
+    processor = hf.load_processor(merged)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
     reference = bounded_probe_logits(merged, processor, mode, "float32")
     with hf.quiet_transformers():  # its dense parts (vision, embedding, head) in the input's dtype, as saved

@@ -110,7 +110,7 @@ class OnnxRuntime(Runtime):
     @classmethod
     def _open(cls, folder: Path, info: dict, device: str, limits: PixelLimits) -> "OnnxRuntime":
         import onnxruntime as ort
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         from dfj import hf
 
@@ -125,7 +125,7 @@ class OnnxRuntime(Runtime):
         sessions = {name: ort.InferenceSession(str(folder / file), sess_options=options, providers=providers)
                     for name, file in info["graphs"].items()}
         with hf.quiet_transformers():
-            processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            processor = hf.load_processor(folder)
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
         return cls(folder, sessions, processor, config, info, device, limits)
 

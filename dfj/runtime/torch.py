@@ -41,8 +41,6 @@ class TorchRuntime(Runtime):
     @classmethod
     def load(cls, source: Source, device: str = "cpu", dtype: str | None = None, **options: Any) -> "TorchRuntime":
         """Options: `dfj.runtime.options.TorchOptions` (`limits`, `pack_weights`)."""
-        from transformers import AutoProcessor
-
         from dfj.runtime.options import TorchOptions
 
         opts = TorchOptions.parse("torch", options)
@@ -59,7 +57,7 @@ class TorchRuntime(Runtime):
             else:
                 model = hf.load_model(source.path, dtype=torch_dtype, device=device)
                 processor_dir = source.path
-            processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
+            processor = hf.load_processor(processor_dir)
         limits = limits or source.limits
         return cls(model, processor, device, limits, packed=_pack(model, source, device, opts.pack_weights))
 
