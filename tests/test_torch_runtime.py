@@ -131,14 +131,32 @@ def test_a_packed_linear_layer_computes_what_torch_linear_computes(dtype):
             packed(torch.randn(1, 96, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_patch_embedding_computes_what_the_conv3d_computes(dtype):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    from dfj.runtime.torch_packed import PackedPatchEmbed
+
+    torch.manual_seed(0)
+    conv = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=64).to(dtype).eval()
+    patches = torch.randn(37, 3 * 2 * 14 * 14)  # as the processor gives them: float32, flattened
+    with torch.inference_mode():
+        expected, got = conv(patches), PackedPatchEmbed(conv)(patches)
+    assert got.shape == expected.shape == (37, 64) and got.dtype == expected.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
+
+
 def test_a_merged_judge_on_cpu_is_packed_and_judges_as_the_plain_model(tiny, judges, records):
     from dfj.runtime.base import Scoring
 
     packed, plain = judges(tiny("pointwise"), max_new_tokens=MAX_NEW), judges(tiny("pointwise"), max_new_tokens=MAX_NEW, pack_weights=False)
     # Every linear layer of the text model, the head and the vision tower: none left unpacked.
     assert packed.runtime.describe()["packed_linears"] > 0 and plain.runtime.describe()["packed_linears"] == 0
-    assert not [name for name, m in packed.runtime.model.named_modules() if type(m) is torch.nn.Linear]
+    assert not [name for name, m in packed.runtime.model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv3d)]
     group = [packed._prepare(r.image, r.label, r.responses()).prompt for r in records[:5]]
+    [seen_packed], [seen_plain] = packed.runtime.embed_images(group[:1]), plain.runtime.embed_images(group[:1])
+    assert np.abs(np.asarray(seen_packed) - np.asarray(seen_plain)).max() < 1e-4
     assert packed.runtime.generate(group, MAX_NEW) == plain.runtime.generate(group, MAX_NEW)
     ids = plain.runtime.generate(group[:1], MAX_NEW)[0]
     a, b = (j.runtime.score(group[:1], [Scoring(tuple(ids), full=True)])[0].rows for j in (packed, plain))

@@ -108,9 +108,10 @@ class WorkerServers:
     def _ready(self, runtime: str) -> None:
         stdout = self.servers[runtime].stdout
         assert stdout is not None
-        ready = stdout.readline()
-        if ready.startswith("READY "):
-            self.import_s[runtime] = float(ready.split()[1])
+        for line in stdout:  # a library may print on import; the server's own line comes after
+            if line.startswith("READY "):
+                self.import_s[runtime] = float(line.split()[1])
+                return
 
     def _stop(self, runtime: str) -> None:
         server = self.servers.pop(runtime, None)
