@@ -145,12 +145,13 @@ def run_bench(
     owned = servers is None
     servers = servers or WorkerServers(report_dir / "cache")
     try:
-        servers.start(spec.runtime for spec in [ref_spec, *specs] if pending(spec, split.records))
-        ref_run = _run_worker(servers, reference, ref_spec, split.records, progress)
+        waiting = [pending(spec, split.records) for spec in [ref_spec, *specs]]
+        servers.start(spec.runtime for spec, wait in zip([ref_spec, *specs], waiting) if wait)
+        ref_run = _run_worker(servers, reference, ref_spec, waiting[0], progress)
         if ref_run["error"]:
             raise BenchError(f"the reference {reference.source} failed: {ref_run['error']}")
-        entries = [_artifact_entry(judge, _run_worker(servers, judge, spec, split.records, progress), ref_run["rows"],
-                                   mode, gold, has_gold, tolerance) for judge, spec in zip(artifacts, specs)]
+        entries = [_artifact_entry(judge, _run_worker(servers, judge, spec, wait, progress), ref_run["rows"],
+                                   mode, gold, has_gold, tolerance) for judge, spec, wait in zip(artifacts, specs, waiting[1:])]
     finally:
         if owned:
             servers.close()
@@ -201,8 +202,10 @@ def _source_identity(source: str) -> Any:
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for folder in folders for p in sorted(Path(folder).iterdir()) if p.is_file()]
 
 
-def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, records, progress: Progress | None) -> dict[str, Any]:
-    """Run `spec`'s worker, unless its cache already holds the whole run; then read what it holds."""
+def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, waiting: bool,
+                progress: Progress | None) -> dict[str, Any]:
+    """Run `spec`'s worker unless it is not `waiting` (its cache already holds the whole run); then read
+    what the cache holds."""
     cache = Path(spec.cache)
     cache.mkdir(parents=True, exist_ok=True)
     spec_path = cache / "spec.json"
@@ -214,7 +217,7 @@ def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, rec
         if len(parts) == 3 and parts[0] == "PROGRESS" and progress:
             progress(judge.name(), int(parts[1]), int(parts[2]))
 
-    if not pending(spec, records) and keep_cached_stats(spec):
+    if not waiting and keep_cached_stats(spec):
         returncode = 0
         on_line(f"PROGRESS {len(spec.indices)} {len(spec.indices)}")
     else:

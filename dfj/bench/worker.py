@@ -71,11 +71,18 @@ def _rewrite_complete(path: Path, rows: dict[int, dict[str, Any]]) -> None:
         path.write_bytes(b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows.values()))
 
 
+def remaining(spec: WorkerSpec, records, done: dict, seen: dict) -> tuple[list[int], list[int]]:
+    """`spec`'s records without a verdict in `done`, and the first record of each image without an
+    embedding row in `seen` (`records`: the split's)."""
+    todo = [i for i in spec.indices if i not in done]
+    images = {image_key(records[i].image): i for i in reversed(spec.indices)}  # each image's first record
+    return todo, [index for key, index in images.items() if key not in seen]
+
+
 def pending(spec: WorkerSpec, records) -> bool:
-    """Whether `spec` has records or images its cache does not hold yet (`records`: the split's)."""
+    """Whether `spec` has records or images its cache does not hold yet."""
     cache = Path(spec.cache)
-    done, seen = finished(cache), finished(cache, VISION, "image")
-    return any(i not in done for i in spec.indices) or any(image_key(records[i].image) not in seen for i in spec.indices)
+    return any(remaining(spec, records, finished(cache), finished(cache, VISION, "image")))
 
 
 def keep_cached_stats(spec: WorkerSpec) -> bool:
@@ -96,17 +103,14 @@ def run(spec: WorkerSpec, import_s: float | None = None) -> None:
 
     cache = Path(spec.cache)
     (cache / "parity").mkdir(parents=True, exist_ok=True)
-    done = finished(cache)
+    done, seen = finished(cache), finished(cache, VISION, "image")
     _rewrite_complete(cache / VERDICTS, done)
-    todo = [i for i in spec.indices if i not in done]
+    _rewrite_complete(cache / VISION, seen)
+    records = read_split(spec.data, mode=spec.mode).records
+    todo, vision_todo = remaining(spec, records, done, seen)
     reference_rows = finished(Path(spec.reference_cache)) if spec.reference_cache else {}
     stats: dict[str, Any] = {"import_s": import_s, "load_s": None, "peak_rss_mb": None, "judged_this_run": 0}
     print(f"PROGRESS {len(spec.indices) - len(todo)} {len(spec.indices)}", flush=True)
-    records = read_split(spec.data, mode=spec.mode).records
-    seen = finished(cache, VISION, "image")
-    _rewrite_complete(cache / VISION, seen)
-    images = {image_key(records[i].image): i for i in reversed(spec.indices)}  # each image's first record
-    vision_todo = [index for key, index in images.items() if key not in seen]
     if todo or vision_todo:
         started = time.perf_counter()
         judge = dfj.load_judge(spec.source, runtime=spec.runtime, device=spec.device, dtype=spec.dtype,
@@ -127,7 +131,7 @@ def run(spec: WorkerSpec, import_s: float | None = None) -> None:
                 sink.write((json.dumps(row) + "\n").encode())
                 sink.flush()
         stats["peak_rss_mb"] = peak_rss_mb()
-    if not (not todo and keep_cached_stats(spec)):
+    if todo or not keep_cached_stats(spec):  # all verdicts cached: the cost of the run that judged stays
         (cache / STATS).write_text(json.dumps(stats), encoding="utf-8")
 
 
