@@ -254,7 +254,6 @@ def quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-# Added tokens that are chat or media structure: those marked special, and every `<|…|>`-shaped one
 # The files AutoProcessor reads for a Qwen2.5-VL processor (a model's weights and configs are not
 # among them, so every artifact of one judge shares its processor's key).
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -291,6 +290,7 @@ def load_processor(folder: Path):
     return processor
 
 
+# Added tokens that are chat or media structure: those marked special, and every `<|…|>`-shaped one
 # (llama.cpp's rule: Qwen2.5's `<|fim_prefix|>` … `<|file_sep|>` are added tokens not marked special,
 # which llama.cpp makes control tokens on load). Text from a detector never becomes one of them.
 _CONTROL_SHAPE = re.compile(r"<\|[^\s|]+\|>")

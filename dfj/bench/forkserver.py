@@ -159,8 +159,8 @@ def serve(runtime: str) -> None:
 
 
 def _worker(spec: Path, log: Path, import_s: float, mapped: list[int]) -> None:
-    """In the forked child: stderr to the log, stdin closed, the server's file pages mapped again, run
-    the worker, exit without returning."""
+    """In the forked child: the server's file pages mapped again, stderr to the log, stdin from
+    /dev/null; run the worker and exit without returning."""
     code = 1
     try:
         _touch(mapped)
