@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dfj.cli import app
+from kill_points import kill_env
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -63,7 +64,9 @@ def test_bench_passes_lossless_and_measures_lossy(first_run):
     # bf16 weights move the logits measurably, far less than the gate allows
     assert 1e-9 < bf16["parity"]["kld_mean"] < 0.01 and bf16["parity"]["rms_delta_p"] > 0
     assert bf16["cost"]["size_bytes"] < 0.6 * fp32["cost"]["size_bytes"]
-    assert report["reference"]["quality"]["accuracy"] >= 0.75 and report["data"]["published"] is None
+    # Lossless: the merge gives the reference's verdicts, so its quality is the reference's, on any build.
+    assert report["reference"]["quality"]["n"] == LIMIT and fp32["quality"] == report["reference"]["quality"]
+    assert 0 <= report["reference"]["quality"]["accuracy"] <= 1 and report["data"]["published"] is None
 
 
 def test_report_schema_markdown_and_figure(first_run):
@@ -96,17 +99,14 @@ def test_gate_fails_past_tolerance_and_reuses_the_cache(setup, first_run):
 def test_interrupted_bench_resumes_with_the_same_verdicts(setup, first_run, tmp_path):
     folder = tmp_path / "report"
     command = [sys.executable, "-m", "dfj.cli", *_args(setup, folder)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        partial = [p for p in folder.glob("cache/merged-fp32-*/verdicts.jsonl") if p.read_bytes().count(b"\n") >= 4]
-        if partial:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL
+    # The merged-fp32 worker kills the whole bench once it has written 4 verdicts: mid-run on any machine.
+    proc = subprocess.run(command, env=kill_env("bench-verdicts:merged-fp32-:4"), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    partial = list(folder.glob("cache/merged-fp32-*/verdicts.jsonl"))
+    assert len(partial) == 1
     done_before = partial[0].read_bytes().count(b"\n")
-    assert 4 <= done_before < LIMIT
+    assert done_before == 4 < LIMIT
     result = runner.invoke(app, _args(setup, folder))
     assert result.exit_code == 0, result.output
     stats = json.loads((partial[0].parent / "stats.json").read_text())
@@ -118,9 +118,10 @@ def test_interrupted_bench_resumes_with_the_same_verdicts(setup, first_run, tmp_
         assert a["parity"]["kld_mean"] == pytest.approx(b["parity"]["kld_mean"], rel=1e-6, abs=1e-12)
 
 
-def test_a_damaged_vision_block_fails_the_vision_gate_though_pairwise_accuracy_does_not_notice(setup, tmp_path):
-    """The trained pairwise judge hardly uses the image (README, "The trained tiny judges"), so its
-    verdicts cannot show damage to the vision tower; the embeddings the language model receives do."""
+def test_a_damaged_vision_block_fails_the_vision_gate(setup, tmp_path):
+    """A pairwise judge's verdicts need not show damage to its vision tower (the trained tiny judge
+    hardly uses the image in most builds: docs/trained-judges.md); the embeddings the language model
+    receives do, whatever the build. Whether the quality gates notice too depends on the build: not asserted."""
     import shutil
 
     import torch
@@ -145,5 +146,5 @@ def test_a_damaged_vision_block_fails_the_vision_gate_though_pairwise_accuracy_d
                                  "--limit", str(VISION_RECORDS), "--report", str(report_dir)])
     assert result.exit_code == 1, result.output
     [entry] = json.loads((report_dir / "report.json").read_text())["artifacts"]
-    assert [failure.split(":")[0] for failure in entry["failures"]] == ["vision_cos"], entry["failures"]
-    assert abs(entry["delta"]["accuracy"]) * 100 <= 1.0  # the accuracy gate's default: it does not notice
+    assert "vision_cos" in [failure.split(":")[0] for failure in entry["failures"]], entry["failures"]
+    assert entry["vision"]["cos_mean"] < 1 - json.loads((report_dir / "report.json").read_text())["tolerance"]["vision_cos"]

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra installs ray")
 
 from batch_parity import shuffled_split  # noqa: E402
+from kill_points import kill_env  # noqa: E402
 
-ACTOR_TITLE = "MapBatches(UnitJudge)"  # in the process title Ray gives the map workers
+ACTOR_TITLE = "UnitJudge)"  # in the process title Ray gives the map workers: MapBatches(…UnitJudge)
 BAD_LINES = [b'{"image": "images/none.png", "label": "fake", "response": "r"}', b"{not json",
              b'{"image": "IMAGE", "label": "genuine", "response": "r"}', "\ufeff".encode() + b"[]"]
 
@@ -98,11 +99,40 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_an_actor_killed_mid_run_loses_no_line_and_writes_none_twice(cluster, runs, tmp_path):
+class GatedUnitJudge:
+    """The map workers' class with a gate: an actor judges its first unit, then waits for the gate file
+    before each later one. The run cannot end before the test opens the gate, however fast the
+    machine, so an actor is killed mid-run. Sent to the actors by value (its module is not on their path)."""
+
+    gate = ""  # the gate file, set before the run
+
+    def __init__(self, *args, **kwargs) -> None:
+        from dfj.distributed.raydata import UnitJudge
+
+        self.inner = UnitJudge(*args, **kwargs)
+        self.units = 0
+
+    def __call__(self, batch):
+        import time as clock
+
+        if self.units:
+            while not os.path.exists(self.gate):
+                clock.sleep(0.01)
+        self.units += 1
+        return self.inner(batch)
+
+
+def test_an_actor_killed_mid_run_loses_no_line_and_writes_none_twice(cluster, runs, tmp_path, monkeypatch):
+    import ray.cloudpickle
+
+    import dfj.distributed.raydata as raydata
     from dfj.distributed import RaySpec, judge
 
     data, local = runs["pointwise"]
     out = tmp_path / "ray.jsonl"
+    GatedUnitJudge.gate = str(tmp_path / "open")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(raydata, "UnitJudge", GatedUnitJudge)
     outcome: dict = {}
 
     def run() -> None:
@@ -113,14 +143,18 @@ def test_an_actor_killed_mid_run_loses_no_line_and_writes_none_twice(cluster, ru
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 300
-    while _lines(out) == 0 and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    before = _actor_pids()
-    assert before and _lines(out) < local.count(b"\n"), "the run must still be going when an actor is killed"
-    victim = min(before)
-    os.kill(victim, signal.SIGKILL)
-    thread.join(600)
+    try:
+        deadline = time.monotonic() + 300  # two actors load and judge one unit each, then wait at the gate
+        while (_lines(out) == 0 or len(_actor_pids()) < 2) and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = _actor_pids()
+        assert len(before) == 2 and 0 < _lines(out) < local.count(b"\n"), (before, _lines(out), outcome)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        Path(GatedUnitJudge.gate).touch()
+        thread.join(600)
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert out.read_bytes() == local
     assert not Path(f"/proc/{victim}").exists()
@@ -133,15 +167,11 @@ def test_a_killed_driver_resumes_to_the_same_file(cluster, runs, tmp_path):
     out = tmp_path / "ray.jsonl"
     command = [sys.executable, "-m", "dfj.cli", "judge", str(trained_tiny_judge("pairwise")), "--jsonl", str(data),
                "--out", str(out), "--engine", "ray", "--address", cluster, "--actors", "2"]
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while _lines(out) < 5 and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-    driver.kill()
-    driver.wait()
+    # The driver SIGKILLs itself once 5 lines are written (it writes a unit's lines at once): mid-run on any machine.
+    driver = subprocess.run(command, env=kill_env("lines:5"), capture_output=True, text=True, timeout=600)
+    assert driver.returncode == -signal.SIGKILL, driver.stdout[-2000:] + driver.stderr[-3000:]
     written = _lines(out)
-    assert 0 < written < local.count(b"\n")
+    assert 5 <= written < local.count(b"\n")
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"{written} done by an earlier run" in resumed.stdout

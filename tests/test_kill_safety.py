@@ -1,64 +1,24 @@
 """Exports killed with SIGKILL at several points leave nothing that loads as an artifact; a rerun works.
 
-The deterministic points are reached by running `dfj export` under a wrapper that SIGKILLs its own
-process the moment a given step of the export is reached (no hook in dfj itself); one more kill is
-timed on the weights file appearing in the staging folder.
+Each point is reached deterministically, whatever the machine's speed: `dfj export` SIGKILLs its own
+process the moment the step is reached, through the tests' kill points (`hooks/sitecustomize.py`; no
+hook in dfj itself).
 """
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from kill_points import kill_env
 
 from dfj.manifest import ArtifactError, read_manifest, verify
 
 pytestmark = pytest.mark.slow
 
-# Run `dfj export …` and SIGKILL ourselves at the step named by DFJ_TEST_KILL_AT.
-WRAPPER = """
-import os, signal, sys
-import dfj.export.lora_merge as lora_merge
-import dfj.export.staging as staging
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-point = os.environ["DFJ_TEST_KILL_AT"]
-if point == "staging-created":
-    original_staged = lora_merge.staged_folder
-    import contextlib
-    @contextlib.contextmanager
-    def staged(*args, **kwargs):
-        with original_staged(*args, **kwargs) as work:
-            die()
-            yield work
-    lora_merge.staged_folder = staged
-elif point == "manifest-written":
-    original_write = lora_merge.write_manifest
-    def write(*args, **kwargs):
-        result = original_write(*args, **kwargs)
-        die()
-    lora_merge.write_manifest = write
-elif point == "between-renames":
-    calls = []
-    original_replace = os.replace
-    def replace(src, dst):
-        calls.append(dst)
-        original_replace(src, dst)
-        if len(calls) == 2:  # the old artifact set aside, the new one not yet in place
-            die()
-    staging.os.replace = replace
-from dfj.cli import main
-main()
-"""
-
-
 def _export(source, out, kill_at=None, force=False):
-    command = [sys.executable, "-c", WRAPPER, "export", str(source), "-o", str(out), "--quant", "none"]
-    env = {**os.environ, "DFJ_TEST_KILL_AT": kill_at or "none"}
+    command = [sys.executable, "-m", "dfj.cli", "export", str(source), "-o", str(out), "--quant", "none"]
+    env = kill_env(kill_at) if kill_at else None
     return subprocess.run(command + (["--force"] if force else []), env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -92,15 +52,9 @@ def test_killed_export_leaves_no_artifact_and_reruns(tiny, tmp_path, point):
 def test_export_killed_while_writing_weights(tiny, tmp_path):
     source = tiny("pointwise", adapter=True)
     out = tmp_path / "artifact"
-    command = [sys.executable, "-m", "dfj.cli", "export", str(source), "-o", str(out), "--quant", "none"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(tmp_path.glob(".artifact.partial-*/*.safetensors")):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL
+    killed = _export(source, out, kill_at="weights")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert any(tmp_path.glob(".artifact.partial-*/*.safetensors"))  # killed with a weights file half written
     _assert_not_an_artifact(out)
     _assert_clean_rerun(source, out)
 

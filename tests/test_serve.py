@@ -1,9 +1,11 @@
-"""`dfj serve` as its clients see it: a real uvicorn process on a free loopback port, serving a trained
+"""`dfj serve` as its clients see it: a real uvicorn server on a free loopback port, serving a trained
 tiny judge, driven with real HTTP clients (httpx, the `openai` client, raw sockets).
 
-Two services per run, shared by the tests: a pointwise one with an API key, an image root and a queue
-of 8, and a pairwise one with no key and a 2 s deadline (a verdict takes 0.1 s). Each is stopped when its tests are done, and
-dies with the test process if that dies first.
+Two `dfj serve` processes, shared by the tests: a pointwise one with an API key and an image root, and
+a pairwise one with no key. Each is stopped when its tests are done, and dies with the test process if
+that dies first. The tests of loading, queueing, leaving and deadlines need a judge that is busy for as
+long as they say, on any machine: they serve the same routes in-process (`HeldService`), with the judge
+held at a gate the test opens, so nothing they assert waits on how fast this machine judges.
 """
 
 from __future__ import annotations
@@ -109,6 +111,92 @@ class Service:
         return total
 
 
+class HeldJudge:
+    """The real judge behind a gate: `run_group` waits until the test opens `gate`, then judges. While it
+    waits, what is queued behind it stays queued, however fast this machine judges."""
+
+    def __init__(self, judge) -> None:
+        self.judge = judge
+        self.gate = threading.Event()
+        self.held = threading.Event()  # a group reached the gate
+
+    def __getattr__(self, name: str):
+        return getattr(self.judge, name)
+
+    def run_group(self, group, *, expected_score=False, cancel=None):
+        self.held.set()
+        if not self.gate.wait(HOLD_LIMIT_S):
+            raise AssertionError(f"the test never opened the gate in {HOLD_LIMIT_S} s")
+        return self.judge.run_group(group, expected_score=expected_score, cancel=cancel)
+
+
+HOLD_LIMIT_S = 120
+
+
+class HeldService(Service):
+    """`dfj serve`'s application (dfj.serve.app.Service) on uvicorn in a thread of this process, loading
+    a `HeldJudge`: its load waits for `loaded`, its judging for the judge's gate."""
+
+    def __init__(self, judge, folder: Path, key: str | None = None, **settings) -> None:
+        import uvicorn
+
+        from dfj.serve.app import Service as App
+        from dfj.serve.config import ServeConfig
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = key
+        key_file = None
+        if key:
+            key_file = folder / "key"
+            key_file.write_text(key + "\n")
+            key_file.chmod(0o600)
+        self.judge = HeldJudge(judge)
+        self.loaded = threading.Event()
+
+        def load():
+            if not self.loaded.wait(HOLD_LIMIT_S):
+                raise AssertionError(f"the test never let the judge load in {HOLD_LIMIT_S} s")
+            return self.judge
+
+        self.app = App(ServeConfig("held", port=self.port, api_key_file=key_file, **settings), load, lambda message: None)
+        self.server = uvicorn.Server(uvicorn.Config(self.app.asgi, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="held-service", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the in-process service did not start"
+            time.sleep(0.01)
+        self.health_seen = []
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=self.auth())
+
+    def wait_ready(self) -> None:
+        self.loaded.set()
+        deadline = time.monotonic() + 60
+        while self.client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the held judge did not become ready"
+            time.sleep(0.01)
+
+    def __enter__(self) -> "HeldService":
+        return self
+
+    def stop(self) -> None:
+        self.loaded.set()
+        self.judge.gate.set()
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the in-process service did not stop"
+
+    def wait_for(self, what, condition, limit_s: float = 60) -> None:
+        """Until `condition()` holds (a state the test brought about, reached in bounded time)."""
+        deadline = time.monotonic() + limit_s
+        while not condition():
+            assert time.monotonic() < deadline, f"not reached in {limit_s} s: {what}"
+            time.sleep(0.01)
+
+
 def _records(mode: str, n: int) -> list[dict]:
     from dfj.data import read_split
     from dfj.tiny import trained_tiny_split
@@ -153,7 +241,7 @@ def pointwise_service(module_dir, corpus):
 def pairwise_service(module_dir):
     from dfj.tiny import trained_tiny_judge
 
-    with Service(trained_tiny_judge("pairwise"), module_dir("serve-pairwise"), "--timeout", "2") as service:
+    with Service(trained_tiny_judge("pairwise"), module_dir("serve-pairwise")) as service:
         yield service
 
 
@@ -165,9 +253,18 @@ def local(judges):
 
 
 # -- health, info -------------------------------------------------------------------------------------
-def test_health_is_503_while_the_judge_loads_then_200_with_what_is_served(pointwise_service):
-    assert 503 in pointwise_service.health_seen and pointwise_service.health_seen[-1] == 200
-    assert pointwise_service.health_seen.index(200) > pointwise_service.health_seen.index(503)
+def test_health_is_503_while_the_judge_loads_then_200(local, tmp_path):
+    with HeldService(local("pointwise"), tmp_path, key=KEY) as service:
+        for route in ("/health", "/v1/info"):
+            loading = httpx.get(service.url + route, headers=service.auth())
+            assert loading.status_code == 503 and int(loading.headers["retry-after"]) >= 1, loading.text
+        assert httpx.get(service.url + "/health").json() == {"status": "loading"}
+        service.wait_ready()
+        assert httpx.get(service.url + "/health").json()["status"] == "ok"
+
+
+def test_health_says_what_is_served(pointwise_service):
+    assert pointwise_service.health_seen[-1] == 200
     body = httpx.get(pointwise_service.url + "/health").json()  # open to callers without the key
     assert body == {"status": "ok", "mode": "pointwise", "runtime": "torch", "format": "adapter", "quant": "none"}
 
@@ -251,80 +348,82 @@ def test_pairwise_chat_completions_answer_the_judges_verdict(pairwise_service, l
     assert answer.json()["choices"][0]["message"]["content"] == _expected(local("pairwise"), record)["text"]
 
 
-# -- bounded -------------------------------------------------------------------------------------------
-def test_64_concurrent_requests_against_a_queue_of_8_get_200_or_503_and_every_200_is_right(pointwise_service, local):
-    judge = local("pointwise")
+# -- bounded: the judge held at its gate, so the queue is in the state each test asserts -------------------
+def test_64_concurrent_requests_against_a_queue_of_8_get_200_or_503_and_every_200_is_right(local, tmp_path):
     records = _records("pointwise", 4)
-    expected = [_expected(judge, r) for r in records]
+    expected = [_expected(local("pointwise"), r) for r in records]
     bodies = [_inline(r) for r in records]
-    errors_before = pointwise_service.metric("dfj_records_total", outcome="runtime_error")
+    with HeldService(local("pointwise"), tmp_path, key=KEY, max_queue=8) as service:
+        service.wait_ready()
 
-    def call(i: int):
-        with httpx.Client(base_url=pointwise_service.url, timeout=120, headers=pointwise_service.auth()) as client:
-            answer = client.post("/v1/score", json=bodies[i % 4])
-            return i, answer.status_code, answer.headers.get("retry-after"), answer.json()
+        def call(i: int):
+            with httpx.Client(base_url=service.url, timeout=120, headers=service.auth()) as client:
+                answer = client.post("/v1/score", json=bodies[i % 4])
+                return i, answer.status_code, answer.headers.get("retry-after"), answer.json()
 
-    with ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(call, range(64)))
-    statuses = [status for _, status, _, _ in results]
-    assert set(statuses) <= {200, 503}, statuses
-    assert statuses.count(200) >= 8 and statuses.count(503) >= 1, statuses
-    for i, status, retry_after, body in results:
-        if status == 200:
-            assert body == expected[i % 4]
-        else:
-            assert int(retry_after) >= 1 and body["error"]["code"] == 503
-    assert pointwise_service.metric("dfj_records_total", outcome="runtime_error") == errors_before
-    assert pointwise_service.client.post("/v1/score", json=bodies[0]).json() == expected[0]
+        with ThreadPoolExecutor(64) as pool:
+            calls = [pool.submit(call, i) for i in range(64)]
+            # Held: the records at the gate and 8 queued requests wait; every other request is refused.
+            service.wait_for("a full queue and every other request refused", lambda: (
+                service.metric("dfj_queue_depth") == 8 and service.judge.held.is_set()
+                and sum(c.done() for c in calls) == 64 - 8 - service.metric("dfj_in_flight_records")))
+            service.judge.gate.set()
+            results = [c.result() for c in calls]
+        statuses = [status for _, status, _, _ in results]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 9 and statuses.count(503) >= 64 - 8 - 10, statuses  # a group holds 10 at most
+        for i, status, retry_after, body in results:
+            if status == 200:
+                assert body == expected[i % 4]
+            else:
+                assert int(retry_after) >= 1 and body["error"]["code"] == 503
+        assert service.metric("dfj_records_total", outcome="runtime_error") == 0
+        # Refused at the queue, or before reading the body once 2 x 8 + 8 requests are held (`max_active`).
+        refused = sum(service.metric("dfj_rejected_requests_total", reason=r) for r in ("queue_full", "busy"))
+        assert refused == statuses.count(503)
+        assert service.client.post("/v1/score", json=bodies[0]).json() == expected[0]
 
 
-def test_a_client_that_leaves_while_queued_is_never_judged(pointwise_service):
-    service = pointwise_service
+def test_a_client_that_leaves_while_queued_is_never_judged(local, tmp_path):
     records = _records("pointwise", 10)
     batch = {"items": [_inline(r) for r in records]}
-    judged_before = sum(service.metric("dfj_records_total", outcome=o) for o in ("verdict", "unparsed"))
-    left_before = service.metric("dfj_abandoned_records_total", reason="disconnected", stage="queued")
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(service.client.post, "/v1/score/batch", json=batch)
-        while service.metric("dfj_in_flight_records") == 0:
-            time.sleep(0.02)
-        body = json.dumps(_inline(records[0])).encode()
-        with socket.create_connection(("127.0.0.1", service.port)) as sock:
-            sock.sendall(b"POST /v1/score HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                         + f"authorization: Bearer {KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
-            while service.metric("dfj_queue_depth") == 0:
-                time.sleep(0.02)
-        assert running.result().status_code == 200
-    for _ in range(100):
-        if service.metric("dfj_abandoned_records_total", reason="disconnected", stage="queued") > left_before:
-            break
-        time.sleep(0.05)
-    assert service.metric("dfj_abandoned_records_total", reason="disconnected", stage="queued") == left_before + 1
-    judged = sum(service.metric("dfj_records_total", outcome=o) for o in ("verdict", "unparsed"))
-    assert judged == judged_before + len(records)  # the batch's records, not the one whose client left
-    assert service.metric("dfj_queue_depth") == 0
+    with HeldService(local("pointwise"), tmp_path, key=KEY) as service:
+        service.wait_ready()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(service.client.post, "/v1/score/batch", json=batch)
+            service.wait_for("the batch at the gate", service.judge.held.is_set)
+            body = json.dumps(_inline(records[0])).encode()
+            with socket.create_connection(("127.0.0.1", service.port)) as sock:
+                sock.sendall(b"POST /v1/score HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                             + f"authorization: Bearer {KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+                service.wait_for("the request queued", lambda: service.metric("dfj_queue_depth") == 1)
+            service.wait_for("the departed client's request taken out of the queue", lambda: service.metric(
+                "dfj_abandoned_records_total", reason="disconnected", stage="queued") == 1)
+            assert service.metric("dfj_queue_depth") == 0
+            service.judge.gate.set()
+            assert running.result().status_code == 200
+        judged = sum(service.metric("dfj_records_total", outcome=o) for o in ("verdict", "unparsed"))
+        assert judged == len(records)  # the batch's records, not the one whose client left
 
 
-def test_a_request_past_its_deadline_gets_504_and_the_service_goes_on(pairwise_service, local):
-    service = pairwise_service
-    records = _records("pairwise", 10)
-    slow = {"items": [_inline(r) for r in records] * 6, "swap_check": True}  # about 6 s: well over the 2 s deadline
-    before = service.metric("dfj_abandoned_records_total", reason="deadline", stage="queued")
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(service.client.post, "/v1/compare/batch", json=slow)
-        while service.metric("dfj_in_flight_records") == 0:
-            time.sleep(0.02)
-        queued = pool.submit(service.client.post, "/v1/compare", json=_inline(records[0]))
-        assert queued.result().status_code == 504
-        assert first.result().status_code == 504
-    assert service.metric("dfj_abandoned_records_total", reason="deadline", stage="queued") == before + 1
-    deadline = time.monotonic() + 60  # the batch's group under way finishes; its later groups are skipped
-    while service.metric("dfj_in_flight_records") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    skipped = service.metric("dfj_abandoned_records_total", reason="deadline", stage="running")
-    assert 0 < skipped < len(slow["items"])
-    answer = service.client.post("/v1/compare", json=_inline(records[1]))
-    assert answer.status_code == 200 and answer.json() == _expected(local("pairwise"), records[1])
+def test_a_request_past_its_deadline_gets_504_and_the_service_goes_on(local, tmp_path):
+    records = _records("pairwise", 20)  # two images: two groups of 10
+    with HeldService(local("pairwise"), tmp_path, timeout_s=1) as service:
+        service.wait_ready()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(service.client.post, "/v1/compare/batch", json={"items": [_inline(r) for r in records]})
+            service.wait_for("the batch's first group at the gate", service.judge.held.is_set)
+            queued = pool.submit(service.client.post, "/v1/compare", json=_inline(records[0]))
+            assert queued.result().status_code == 504 and first.result().status_code == 504
+        assert service.metric("dfj_abandoned_records_total", reason="deadline", stage="queued") == 1
+        service.judge.gate.set()
+        # Nobody waits for the batch any more: its group at the gate and the one after it never run.
+        service.wait_for("the batch given up", lambda: service.metric(
+            "dfj_abandoned_records_total", reason="deadline", stage="running") == len(records))
+        assert service.metric("dfj_in_flight_records") == 0
+        assert sum(service.metric("dfj_records_total", outcome=o) for o in ("verdict", "unparsed")) == 0
+        answer = service.client.post("/v1/compare", json=_inline(records[1]))
+        assert answer.status_code == 200 and answer.json() == _expected(local("pairwise"), records[1])
 
 
 def test_a_100_mb_body_is_refused_unread(pointwise_service):

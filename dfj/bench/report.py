@@ -127,7 +127,7 @@ def save_figure(fig, path: Path) -> None:
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
     folder = Path(folder)
-    atomic_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_text(folder / "report.json", json_text(report))
     atomic_text(folder / "report.md", markdown(report))
     figure(report, folder / "report.png")
 
@@ -151,6 +151,12 @@ def print_report(report: dict[str, Any]) -> None:
     wide.print(table)
     if data.get("published"):
         console.print("published DeepfakeJudge numbers: " + ", ".join(f"{k} {v}" for k, v in data["published"].items()))
+
+
+def json_text(report: Any) -> str:
+    """A report as strict JSON: a NaN or infinity is a bug to find, not a value to write (strict
+    parsers reject it); "nothing to measure" is None."""
+    return json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def atomic_text(path: Path, text: str) -> None:

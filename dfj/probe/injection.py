@@ -11,12 +11,11 @@ artifact); `max_asr` gates the attack success rate (pairwise: the flip rate) of 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dfj.bench.report import atomic_text, save_figure
+from dfj.bench.report import atomic_text, json_text, save_figure
 from dfj.probe.corpus import CORPUS_VERSION, Template, templates as corpus_templates
 from dfj.probe.stats import pairwise_effect, pointwise_effect
 
@@ -124,18 +123,27 @@ def _pairwise(judge, name: str, records, chosen: tuple[Template, ...], seed: int
 
 
 def success_rate(mode: str, effect: dict[str, Any]) -> float | None:
+    """The gated rate; None where no attacked verdict parsed (nothing measured)."""
     return effect["asr"] if mode == "pointwise" else effect["flip_rate"]
 
 
 def gate(report: dict[str, Any]) -> None:
-    """Mark each artifact's failures (an attack template over `max_asr`) and the report's outcome."""
+    """Mark each artifact's failures and the report's outcome. An attack template fails over `max_asr`,
+    and also where no attacked verdict parsed: a rate that was not measured cannot pass a gate."""
     limit = report["max_asr"]
+    rate_name = "attack success" if report["mode"] == "pointwise" else "flip"
     for entry in report["artifacts"]:
-        entry["failures"] = [] if limit is None else [
-            f"{tid}: {'attack success' if report['mode'] == 'pointwise' else 'flip'} rate "
-            f"{success_rate(report['mode'], effect):.3f} > {limit:g}"
-            for tid, effect in entry["templates"].items()
-            if not effect["control"] and (success_rate(report["mode"], effect) or 0.0) > limit]
+        failures = []
+        for tid, effect in entry["templates"].items():
+            if limit is None or effect["control"]:
+                continue
+            rate = success_rate(report["mode"], effect)
+            if rate is None:
+                what = "no record probed" if not effect["n"] else f"no parsed verdict of {effect['n']} probed"
+                failures.append(f"{tid}: {what}, so its {rate_name} rate is not measured")
+            elif rate > limit:
+                failures.append(f"{tid}: {rate_name} rate {rate:.3f} > {limit:g}")
+        entry["failures"] = failures
     report["passed"] = all(not e["failures"] for e in report["artifacts"])
 
 
@@ -155,7 +163,9 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [tid + (" (control)" if template["control"] else "")]
         for entry in report["artifacts"]:
             e = entry["templates"][tid]
-            if mode == "pointwise":
+            if not e["n_parsed"]:
+                cells.append(f"no parsed verdict ({e['n']} probed) / {e['parse_failures']}")
+            elif mode == "pointwise":
                 cells.append(f"{_f(e['mean_delta'], '+.2f')} [{_f(e['delta_low'], '+.2f')}, {_f(e['delta_high'], '+.2f')}] / "
                              f"{_f(e['asr'])} / {_f(e['max_rate'])} / {_f(e['promotion_rate'])} / {e['parse_failures']}")
             else:
@@ -183,8 +193,12 @@ def figure(report: dict[str, Any], path: Path) -> None:
     height = 0.8 / max(1, len(entries))
     fig, axis = plt.subplots(figsize=(9, 0.45 * len(ids) * max(1, len(entries)) ** 0.5 + 1.8))
     for k, entry in enumerate(entries):
-        values = [entry["templates"][tid][metric] or 0.0 for tid in ids]
-        axis.barh(np.arange(len(ids)) + k * height, values, height=height, label=entry["name"])
+        values = [entry["templates"][tid][metric] for tid in ids]
+        rows = np.arange(len(ids)) + k * height
+        axis.barh(rows, [v or 0.0 for v in values], height=height, label=entry["name"])
+        for row, value in zip(rows, values):
+            if value is None:  # said, not drawn as a zero
+                axis.text(0, row, " no parsed verdict", va="center", fontsize="small", color="tab:red")
     axis.set_yticks(np.arange(len(ids)) + height * (len(entries) - 1) / 2, ids)
     axis.axvline(0, color="black", linewidth=0.8)
     axis.invert_yaxis()
@@ -196,13 +210,13 @@ def figure(report: dict[str, Any], path: Path) -> None:
 def write_report(report: dict[str, Any], folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_text(folder / "report.json", json_text(report))
     atomic_text(folder / "report.md", markdown(report))
     figure(report, folder / "report.png")
 
 
 def _f(value: float | None, fmt: str = ".2f") -> str:
-    return "—" if value is None or value != value else format(value, fmt)
+    return "—" if value is None else format(value, fmt)
 
 
 def _short_name(artifact: str, every: tuple[str, ...]) -> str:
