@@ -1,7 +1,7 @@
 """Records per second of `dfj judge --engine ray` with 1 and 2 actors, against the local engine, on the
 same records. A benchmark, not a test.
 
-    python -m dfj.bench.distributed [--mode pointwise|pairwise] [--records 60] [--actors 1 2] [--out FILE.json]
+    python -m benchmarks.distributed [--mode pointwise|pairwise] [--records 60] [--actors 1 2] [--out FILE.json]
 
 The judge is the trained tiny judge of the mode (torch, CPU), the input the first `--records` lines
 of its held-out split. Each engine writes the whole file once; the time includes what a user waits

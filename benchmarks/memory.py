@@ -1,5 +1,5 @@
 """Peak memory and time of every export and quantization stage on random-weight judges at the released
-shapes (a benchmark, not a test): `python -m dfj.bench.memory --size 3B`.
+shapes (a benchmark, not a test): `python -m benchmarks.memory --size 3B`.
 
 Each stage runs in a fresh process whose memory is sampled from /proc every 20 ms:
 - `anon`: private (anonymous) resident memory, the memory a stage needs;
@@ -13,9 +13,9 @@ it reads and writes, reclaims file pages when the charge reaches N, and kills th
 cannot give back exceeds N. A stage that finishes under a cap runs on a machine with that much memory;
 `cgroup_peak` is the highest charge the kernel recorded, `reclaims` how often the stage hit the cap.
 
-    python -m dfj.bench.memory --size 3B --work /tmp/dfj-memory                 # full depth
-    python -m dfj.bench.memory --size 3B --work /tmp/dfj-memory --cap-gb 4      # ... on a 4 GB budget
-    python -m dfj.bench.memory --size 7B --text-layers 4 --work /tmp/dfj-memory # 7B, fewer layers
+    python -m benchmarks.memory --size 3B --work /tmp/dfj-memory                 # full depth
+    python -m benchmarks.memory --size 3B --work /tmp/dfj-memory --cap-gb 4      # ... on a 4 GB budget
+    python -m benchmarks.memory --size 7B --text-layers 4 --work /tmp/dfj-memory # 7B, fewer layers
 """
 
 from __future__ import annotations

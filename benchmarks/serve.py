@@ -1,7 +1,7 @@
 """The cost of HTTP: `dfj serve` against in-process `Judge` calls on the same records. A benchmark,
 not a test.
 
-    python -m dfj.bench.serve [--mode pointwise|pairwise] [--records 20] [--clients 4] [--out FILE.json]
+    python -m benchmarks.serve [--mode pointwise|pairwise] [--records 20] [--clients 4] [--out FILE.json]
 
 The judge is the trained tiny judge of the mode on its runtime (torch, CPU), the records the first
 `--records` of its held-out split. In-process: `judge.score` / `judge.compare`, one record at a time.

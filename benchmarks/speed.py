@@ -2,7 +2,7 @@
 reference path (transformers `generate`, no caches, one record at a time, weights as loaded, as the
 DFJ scripts do), on the same DFJ-shaped split. A benchmark, not a test.
 
-    python -m dfj.bench.speed --mode pairwise [--images 2] [--text-layers 4] [--vision-layers 4]
+    python -m benchmarks.speed --mode pairwise [--images 2] [--text-layers 4] [--vision-layers 4]
                               [--artifacts gguf-q8_0 gguf-q4_k_m onnx-int8 …] [--out docs/speed-pairwise.json]
 
 The judge is bench-shaped: the real Qwen2.5-VL-3B widths and heads (text 2048 / 16 heads / 2 KV
@@ -86,7 +86,7 @@ def _reference(judge, split: Path, mode: str, new_tokens: int) -> tuple[list[Any
     verdicts, seconds = [], []
     for record in read_split(split, mode=mode).records:
         started = time.perf_counter()
-        prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+        prompt = judge.prompt(record.image, record.label, *record.responses())
         verdicts.append(parse(mode, judge.runtime.decode(judge.runtime.reference_generate(prompt, new_tokens))))
         seconds.append(time.perf_counter() - started)
     return verdicts, seconds
@@ -157,14 +157,14 @@ def _summary(row: dict[str, Any], ref_total: float, reference: list[Any], torch_
 
 
 def _exported(judge_dir: Path, mode: str, quant: str) -> Path:
-    from dfj.export import export
+    from dfj.pipeline import build
     from dfj.manifest import read_manifest
 
     out = judge_dir.parent / f"{judge_dir.name}-{mode}-{quant}"  # the manifest records the mode
     manifest = read_manifest(out) if out.is_dir() else None
     if manifest is None or manifest.quant != quant:
         started = time.perf_counter()
-        export(str(judge_dir), out, quant, mode=mode, overwrite=True)
+        build(str(judge_dir), out, quant, mode=mode, overwrite=True)
         print(f"exported {quant} in {time.perf_counter() - started:.0f} s", flush=True)
     return out
 

@@ -6,8 +6,8 @@ kernels. Forcing PyTorch, oneDNN and MKL onto narrower instruction sets on this 
 other processors: the accumulation order and rounding of the matrix products change, and training
 amplifies the difference. A benchmark, not a test: each build takes 15-30 minutes on 2 cores.
 
-    .venv/bin/python scripts/trained_spread.py --out /tmp/spread build seed0-native seed1-native ...
-    .venv/bin/python scripts/trained_spread.py --out /tmp/spread table   # markdown, every gated metric
+    .venv/bin/python benchmarks/trained_spread.py --out /tmp/spread build seed0-native seed1-native ...
+    .venv/bin/python benchmarks/trained_spread.py --out /tmp/spread table   # markdown, every gated metric
 
 A build's folder is `OUT/NAME/trained-v*-seed*` (the layout of `$DFJ_CACHE`), so the trained-judge
 tests run against it with `DFJ_CACHE=OUT/NAME`.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from dfj.data import RecordProblem, parse_line
+from dfj.groups import GROUP_SIZE, chunk_groups, group_key
 
 # A line over this size is an error, not a read: memory stays bounded whatever the input holds.
 MAX_LINE_BYTES = 16 << 20
@@ -63,14 +64,15 @@ def judge_jsonl(
     progress: Progress | None = None,
     expected_score: bool = False,
     swap_check: bool = False,
+    image_root: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Judge every line of `source` (a split folder or JSONL file) into `out`. Consecutive records of
     one image and label go to the judge as one group (`Judge.judge_many`); only one group's lines are
-    held at a time, whatever the file's size."""
+    held at a time, whatever the file's size. Absolute image paths are taken inside `image_root` only."""
     source, out, total, done = prepare_output(source, out, resume, overwrite)
     summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
     with open_output(out, resume, done) as sink:
-        for unit in units(source, done):
+        for unit in units(source, done, image_root):
             for line, row in zip(unit, judge_unit(judge, unit, expected_score=expected_score, swap_check=swap_check)):
                 summary.count(line)
                 sink.write(row)
@@ -110,35 +112,25 @@ def open_output(out: Path, resume: bool, done: int) -> Iterator[BinaryIO]:
         yield sink
 
 
-def units(source: Path, done: int = 0) -> Iterator[list["_Line"]]:
-    """The input's lines after line `done`, parsed, in the units one `judge_many` call judges: a run
-    of one image and label (at most GROUP_SIZE records), bad lines staying where they are, at most
-    4 x GROUP_SIZE lines."""
-    from dfj.judge import GROUP_SIZE
-
+def units(source: Path, done: int = 0, image_root: str | os.PathLike | None = None) -> Iterator[list["_Line"]]:
+    """The input's lines after line `done`, parsed, in the units one `judge_many` call judges
+    (`dfj.groups.chunk_groups`: a run of one image and label, at most GROUP_SIZE records), bad lines
+    staying where they are, at most 4 x GROUP_SIZE lines."""
     root = source.parent.resolve()
-    pending: list[_Line] = []
-    group_key: tuple[str, str] | None = None
-    for number, raw, start in _lines(source):
-        if number <= done:
-            continue
-        line = _read_line(raw, number, root)
-        line.offset = start
-        if line.record is not None:
-            key = (str(line.record.image), line.record.label.strip().lower())
-            if pending and (key != group_key or sum(p.record is not None for p in pending) >= GROUP_SIZE):
-                yield pending
-                pending = []
-            group_key = key
-        pending.append(line)
-        if len(pending) >= 4 * GROUP_SIZE:  # a run of bad lines inside a group: memory stays bounded
-            yield pending
-            pending = []
-    if pending:
-        yield pending
+
+    def lines() -> Iterator[_Line]:
+        for number, raw, start in _lines(source):
+            if number > done:
+                line = _read_line(raw, number, root, image_root)
+                line.offset = start
+                yield line
+
+    # A run of bad lines inside a group is cut too: memory stays bounded.
+    yield from chunk_groups(lines(), key=lambda line: None if line.record is None else group_key(line.record.image, line.record.label),
+                            limit=4 * GROUP_SIZE)
 
 
-def read_unit(source: Path, offset: int, first: int, count: int) -> list["_Line"]:
+def read_unit(source: Path, offset: int, first: int, count: int, image_root: str | os.PathLike | None = None) -> list["_Line"]:
     """A unit `units` found, read again where it lies: `count` lines from byte `offset`, numbered from
     `first` (how another process, given only the unit's place, gets its lines)."""
     root = source.parent.resolve()
@@ -146,7 +138,7 @@ def read_unit(source: Path, offset: int, first: int, count: int) -> list["_Line"
     for number, raw, start in _lines(source, offset, first):
         if number >= first + count:
             break
-        line = _read_line(raw, number, root)
+        line = _read_line(raw, number, root, image_root)
         line.offset = start
         lines.append(line)
     return lines
@@ -173,7 +165,7 @@ class _Line:
     offset: int = 0  # where the line starts in the input file
 
 
-def _read_line(raw: bytes | None, number: int, root: Path) -> _Line:
+def _read_line(raw: bytes | None, number: int, root: Path, image_root: str | os.PathLike | None = None) -> _Line:
     """One input line, parsed; a bad line carries its error. Never raises."""
     original, result = _original(raw)
     line = _Line(number, original, result)
@@ -181,7 +173,7 @@ def _read_line(raw: bytes | None, number: int, root: Path) -> _Line:
         result["error"] = f"line {number}: longer than {MAX_LINE_BYTES} bytes"
     elif "error" not in result:
         try:
-            line.record = parse_line(raw, root, number)
+            line.record = parse_line(raw, root, number, Path(image_root) if image_root else None)
         except (RecordProblem, ValueError, OSError) as exc:
             result["error"] = f"line {number}: {exc}"
     return line

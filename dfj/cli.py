@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -17,9 +17,15 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Export, run and verify DeepfakeJudge (Qwen2.5-VL) judges.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags show as flags, and logs and pipes read it as it is
 )
 
 COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "probe", "demo")
+
+
+def flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's own keyword
+    """A boolean option that is a flag (present or not): its help shows no value to give."""
+    return typer.Option(False, *names, help=help, metavar="")
 
 
 def _fail(message: str) -> None:
@@ -53,12 +59,13 @@ def judge(
     data: Optional[Path] = typer.Option(None, "--data", help="Judge a whole DFJ split folder (its data.jsonl)."),
     jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Judge a JSONL file (images relative to it)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSONL for --data/--jsonl: one line per input line."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --out file."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="--data/--jsonl: accept absolute image paths (as ms-swift files carry them) inside this folder only."),
+    resume: bool = flag("--resume", help="Continue an interrupted --out file."),
+    force: bool = flag("--force", help="Replace an existing --out file."),
+    as_json: bool = flag("--json", help="Print the verdict as JSON."),
     pairwise: str = typer.Option("answer", "--pairwise", help="Pairwise method: answer (one forward pass, P(A) vs P(B) after <answer>, adds p_a) or generate (greedy text, as the DFJ reference)."),
-    swap_check: bool = typer.Option(False, "--swap-check", help="Pairwise: also judge B-vs-A and report whether the orders agree."),
-    expected: bool = typer.Option(False, "--expected-score", help="Pointwise: add the probability-weighted score."),
+    swap_check: bool = flag("--swap-check", help="Pairwise: also judge B-vs-A and report whether the orders agree."),
+    expected: bool = flag("--expected-score", help="Pointwise: add the probability-weighted score."),
     runtime: Optional[str] = typer.Option(None, help="Runtime: torch, onnx or llamacpp (default: what the artifact's format needs)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
@@ -79,6 +86,8 @@ def judge(
         _fail("give --data or --jsonl, not both")
     if batch_input is not None and out is None:
         _fail("--data/--jsonl need --out FILE for the results")
+    if image_root is not None and (batch_input is None or not image_root.is_dir()):
+        _fail("--image-root is a folder, for --data/--jsonl" if batch_input is not None else "--image-root is for --data/--jsonl")
     if batch_input is None and (image is None or label is None or response is None):
         _fail("give --image, --label and --response (one verdict), or --data/--jsonl with --out (a batch)")
     if pairwise not in PAIRWISE_METHODS:
@@ -88,7 +97,7 @@ def judge(
     if engine == "ray":
         if batch_input is None:
             _fail("--engine ray judges files: give --data or --jsonl with --out")
-        _judge_on_ray(artifact, batch_input, out, resume, force, expected, swap_check, address=address, actors=actors,
+        _judge_on_ray(artifact, batch_input, out, resume, force, expected, swap_check, image_root, address=address, actors=actors,
                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, runtime=runtime, device=device,
                       dtype=dtype, mode=mode, max_new_tokens=max_new_tokens, pairwise=pairwise)
         return
@@ -99,7 +108,7 @@ def judge(
             _fail("--swap-check is for pairwise judges, --expected-score for pointwise judges; "
                   f"this is a {j.mode} judge")
         if batch_input is not None:
-            _judge_batch(j, batch_input, out, resume, force, expected_score=expected, swap_check=swap_check)
+            _judge_batch(j, batch_input, out, resume, force, expected_score=expected, swap_check=swap_check, image_root=image_root)
             return
         if j.mode == "pointwise":
             if response_b is not None:
@@ -119,7 +128,7 @@ def judge(
         raise typer.Exit(1)
 
 
-def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool, **options: bool) -> None:
+def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool, **options: Any) -> None:
     from dfj.batch import judge_jsonl
     from dfj.console import progress_bar
 
@@ -129,7 +138,7 @@ def _judge_batch(j, source: Path, out: Path, resume: bool, force: bool, **option
 
 
 def _judge_on_ray(artifact: str, source: Path, out: Path, resume: bool, force: bool, expected: bool, swap_check: bool,
-                  *, address, actors, cpus_per_actor, gpus_per_actor, **load) -> None:
+                  image_root: Path | None, *, address, actors, cpus_per_actor, gpus_per_actor, **load) -> None:
     from dfj.console import progress_bar
     from dfj.distributed import JudgeLoad, RaySpec, judge as judge_distributed
     from dfj.sources import resolve
@@ -142,7 +151,8 @@ def _judge_on_ray(artifact: str, source: Path, out: Path, resume: bool, force: b
         spec = RaySpec(address=address, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
         with progress_bar(f"judging ({judge_mode}, ray, {actors} actor{'s' if actors > 1 else ''})") as progress:
             summary = judge_distributed(JudgeLoad(artifact, **load), source, out, engine=spec, resume=resume,
-                                        overwrite=force, progress=progress, expected_score=expected, swap_check=swap_check)
+                                        overwrite=force, progress=progress, expected_score=expected, swap_check=swap_check,
+                                        image_root=image_root)
     _print_summary(summary)
 
 
@@ -159,20 +169,20 @@ def export(
     quant: str = typer.Option("none", "--quant", help="Lossless: none (merged safetensors), onnx-fp32, gguf-f32, gguf-f16. Any `dfj quant` method (gguf-q4_k_m, onnx-int8, gptq-4bit, ...) exports then quantizes."),
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
     dtype: Optional[str] = typer.Option(None, help="--quant none: saved dtype, auto (the checkpoint's), float32, bfloat16, float16."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = flag("--force", help="Replace an existing output folder."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-*: DFJ split folder whose images, prompts and gold outputs calibrate the quantization."),
     samples: Optional[int] = typer.Option(None, "--samples", help="gptq-*: calibration records (default 128)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="gptq-*: quantization group size (default 128)."),
     mmproj: Optional[str] = typer.Option(None, "--mmproj", help="gguf-f32/f16: vision GGUF precision, f16 (default) or f32 (default for gguf-f32)."),
 ) -> None:
     """Export a judge: merge its LoRA and write a standalone artifact with a dfj manifest."""
-    from dfj.export import all_formats, export as run_export
+    from dfj.pipeline import all_formats, build
 
     if quant not in all_formats():
         _fail(f"unknown --quant {quant!r}; available: {', '.join(all_formats())}")
     given = {"dtype": dtype, "calibration": calibration, "samples": samples, "group_size": group_size, "mmproj_dtype": mmproj}
     with _reported():
-        path = run_export(source, out, quant, mode=mode, overwrite=force, **{k: v for k, v in given.items() if v is not None})
+        path = build(source, out, quant, mode=mode, overwrite=force, **{k: v for k, v in given.items() if v is not None})
     _print_artifact(path)
 
 
@@ -184,7 +194,7 @@ def quant(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-*: DFJ split folder (images, prompts, gold outputs)."),
     samples: int = typer.Option(128, "--samples", help="gptq-*: calibration records."),
     group_size: int = typer.Option(128, "--group-size", help="gptq-*: quantization group size."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = flag("--force", help="Replace an existing output folder."),
 ) -> None:
     """Quantize a dfj artifact; its parity against the input and the chain of stages go to dfj.json."""
     from dfj.quant import quantize
@@ -229,20 +239,20 @@ def bench(
         with bench_progress() as progress:
             result = run_bench(ref, judges, data, report, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
                                tolerance=gate, progress=progress)
-    print_report(result)
+    print_report(result.to_dict())
     typer.echo(f"report: {report / 'report.json'}, {report / 'report.md'}, {report / 'report.png'}")
-    if not result["passed"]:
-        for entry in result["artifacts"]:
-            for failure in entry["failures"]:
-                typer.secho(f"out of tolerance: {entry['name']}: {failure}", fg=typer.colors.RED, err=True)
+    if not result.passed:
+        for entry in result.artifacts:
+            for failure in entry.failures:
+                typer.secho(f"out of tolerance: {entry.name}: {failure}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
 
 
 @app.command()
 def info(
     artifact: Path = typer.Argument(..., help="A dfj artifact folder."),
-    verify: bool = typer.Option(False, "--verify", help="Check every file against its recorded sha256."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    verify: bool = flag("--verify", help="Check every file against its recorded sha256."),
+    as_json: bool = flag("--json", help="Print the manifest as JSON."),
 ) -> None:
     """Show an artifact's manifest; with --verify, check its files."""
     from dfj.manifest import ArtifactError, read_manifest, verify as verify_files
@@ -293,7 +303,7 @@ def serve(
         raise typer.Exit(status)
 
 
-probe_app = typer.Typer(no_args_is_help=True, help="Probe how a judge behaves under hostile responses.")
+probe_app = typer.Typer(no_args_is_help=True, help="Probe how a judge behaves under hostile responses.", rich_markup_mode=None)
 app.add_typer(probe_app, name="probe")
 
 

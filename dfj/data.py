@@ -81,7 +81,7 @@ class RecordProblem(ValueError):
     """A line that is JSON but not a usable DFJ record."""
 
 
-def read_split(path: str | os.PathLike, mode: str | None = None) -> Split:
+def read_split(path: str | os.PathLike, mode: str | None = None, image_root: str | os.PathLike | None = None) -> Split:
     """Read a split folder (its `data.jsonl`) or a JSONL file; images resolve against its folder.
 
     `mode` forces pointwise/pairwise; otherwise the first usable line decides and lines of the other
@@ -103,7 +103,7 @@ def read_split(path: str | os.PathLike, mode: str | None = None) -> Split:
             if not raw.strip():
                 continue  # blank lines are layout, not records
             try:
-                record = parse_line(raw, root, number)
+                record = parse_line(raw, root, number, Path(image_root) if image_root else None)
                 if split.mode is None:
                     split.mode = record.mode
                 elif record.mode != split.mode:
@@ -115,8 +115,9 @@ def read_split(path: str | os.PathLike, mode: str | None = None) -> Split:
     return split
 
 
-def parse_line(raw: bytes | str, root: Path, line: int = 0) -> Record:
-    """One JSONL line -> a record; RecordProblem says what is wrong with it."""
+def parse_line(raw: bytes | str, root: Path, line: int = 0, image_root: Path | None = None) -> Record:
+    """One JSONL line -> a record; RecordProblem says what is wrong with it. Image paths are relative
+    to `root`; absolute ones are taken only inside `image_root` (`resolve_image`)."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         if not text.strip():
@@ -128,15 +129,15 @@ def parse_line(raw: bytes | str, root: Path, line: int = 0) -> Record:
         raise RecordProblem(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise RecordProblem(f"expected a JSON object, got {type(obj).__name__}")
-    return parse_record(obj, root, line)
+    return parse_record(obj, root, line, image_root)
 
 
-def parse_record(obj: dict[str, Any], root: Path, line: int = 0) -> Record:
+def parse_record(obj: dict[str, Any], root: Path, line: int = 0, image_root: Path | None = None) -> Record:
     if "messages" in obj:
         fields = _from_messages(obj)
     else:
         fields = _from_flat(obj)
-    fields["image"] = resolve_image(fields["image"], root)
+    fields["image"] = resolve_image(fields["image"], root, image_root=image_root)
     try:
         fields["label"] = prompts.normalize_label(fields["label"])
     except ValueError as exc:
@@ -146,19 +147,27 @@ def parse_record(obj: dict[str, Any], root: Path, line: int = 0) -> Record:
     return PairwiseRecord(line=line, **fields)
 
 
-def resolve_image(value: Any, root: Path, within: str = "the split folder") -> str:
+def resolve_image(value: Any, root: Path, within: str = "the split folder", image_root: Path | None = None) -> str:
     """A relative image path inside `root` (the split folder) -> absolute path; refuse escapes and
-    non-files. `within` names the root in messages."""
+    non-files. `within` names the root in messages. An absolute path (ms-swift files carry them) is
+    taken only when `image_root` is given and it lies inside it, with no `..` and no symlink out."""
     if not isinstance(value, str) or not value.strip():
         raise RecordProblem(f"image must be a non-empty path string, got {value!r}")
     if "\x00" in value:
         raise RecordProblem("image path contains a NUL byte")
     candidate = Path(value)
     if candidate.is_absolute():
-        raise RecordProblem(f"image path {value!r} is absolute; paths must be relative to {within}")
-    resolved = (root / candidate).resolve()  # follows symlinks: a link out of the split is an escape
-    if not resolved.is_relative_to(root):
-        raise RecordProblem(f"image path {value!r} escapes {within}")
+        if image_root is None:
+            raise RecordProblem(f"image path {value!r} is absolute; paths must be relative to {within} "
+                                "(absolute paths are taken inside the folder given as --image-root)")
+        base = Path(image_root).resolve()
+        resolved = candidate.resolve()  # follows symlinks: a link out of the image root is an escape
+        if ".." in candidate.parts or not resolved.is_relative_to(base):
+            raise RecordProblem(f"image path {value!r} escapes the image root {base}")
+    else:
+        resolved = (root / candidate).resolve()  # follows symlinks: a link out of the split is an escape
+        if not resolved.is_relative_to(root):
+            raise RecordProblem(f"image path {value!r} escapes {within}")
     if not resolved.exists():
         raise RecordProblem(f"image not found: {value}")
     if not resolved.is_file():

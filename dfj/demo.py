@@ -70,10 +70,10 @@ def run_demo(cache: Path | None = None, records: int = 40) -> bool:
                 report = run_bench(BenchJudge(str(adapters[mode]), "torch", label="reference (base+LoRA)"), artifacts,
                                    trained_tiny_split(mode, "test"), root / mode / "bench", limit=records,
                                    progress=progress, servers=servers)
-            print_report(report)
+            print_report(report.to_dict())
             console.print(f"report: {root / mode / 'bench' / 'report.md'}")
             lossless = {item.name for item in DEMO_ARTIFACTS if item.lossless}
-            passed &= all(entry["passed"] for entry in report["artifacts"] if entry["name"] in lossless)
+            passed &= all(entry.passed for entry in report.artifacts if entry.name in lossless)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s: "
                   + ("[green]the lossless artifacts match the reference; lossy ones are measured above[/green]"
                      if passed else "[red]a lossless artifact does not match the reference[/red]"))

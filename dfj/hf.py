@@ -350,7 +350,7 @@ class ChatEncoder:
         the pixels from the processor's image processor, and the token types transformers needs."""
         import torch
 
-        from dfj.runtime.base import image_block
+        from dfj.prompts import image_block
 
         at = image_block(ids, self.image_pad_id)
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")

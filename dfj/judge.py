@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
 from dfj import prompts
 from dfj.data import PointwiseRecord, record_from_mapping
+from dfj.groups import chunk_groups, group_key
 from dfj.images import PATCH_FACTOR, ImageInput, check_image, fit_to_grid, load_image, smart_resize
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
@@ -29,8 +30,6 @@ ANSWER_BRANCHES = ("<answer>A</answer>", "<answer>B</answer>")
 # A one-forward pairwise verdict needs A and B to hold at least this much of the probability after the
 # forced `<answer>`; below it the judge is not answering, and the verdict is malformed (a parse failure).
 MIN_ANSWER_MASS = 0.5
-# Records of one image and label judged in one runtime call (DFJ: 5 responses or 10 pairs per image).
-GROUP_SIZE = 10
 
 
 @dataclass
@@ -93,6 +92,11 @@ class Judge:
             return self.score(rec.image, rec.label, rec.response, expected_score=expected_score)
         return self.compare(rec.image, rec.label, rec.response_a, rec.response_b, swap_check=swap_check)
 
+    def prompt(self, image: ImageInput, label: str, *responses: str) -> Prompt:
+        """The prompt a judge call hands its runtime (token ids with one image pad, and the image fitted
+        to the judge's grid): for calling the runtime directly (`embed_images`, `score`)."""
+        return self._prepare(image, label, responses).prompt
+
     def prompt_ids(self, image: ImageInput, label: str, *responses: str) -> list[int]:
         """The token ids the runtime runs for this judge call, each image token as `<|image_pad|>`, for
         inspection: the responses are plain text in them, so the only control tokens are the chat
@@ -128,33 +132,30 @@ class Judge:
 
     def _many(self, records: Iterable[Any], progress: Progress | None, expected_score: bool = False,
               swap_check: bool = False) -> list[PointwiseVerdict | PairwiseVerdict]:
-        """Consecutive records on the same image and label run as one group (one runtime call); a
-        record that fails to prepare or to run gets its own error, the others are unaffected. Groups run
-        as soon as they are complete, so only one group's images are held at a time."""
+        """Consecutive records on the same image and label run as one group (`dfj.groups`: one runtime
+        call); a record that fails to prepare or to run gets its own error, the others are unaffected.
+        Groups run as soon as they are complete, so only one group's images are held at a time."""
         items = list(records)
         verdicts: list[PointwiseVerdict | PairwiseVerdict | None] = [None] * len(items)
-        group: list[tuple[int, Prepared]] = []
+        settled = 0  # records with a verdict, for `progress`
 
-        def run_group() -> None:
+        def prepared() -> Iterator[tuple[int, Prepared]]:
+            nonlocal settled
+            for index, record in enumerate(items):
+                try:
+                    yield index, self.prepare(record, swap_check=swap_check)
+                except Exception as exc:
+                    verdicts[index] = self._failed(index, record, error_text(exc))
+                    settled += 1
+
+        for group in chunk_groups(prepared(), key=lambda entry: entry[1].group):
             results = self.run_group([p for _, p in group], expected_score=expected_score)
             for (index, _), result in zip(group, results):
                 verdicts[index] = (self._failed(index, items[index], error_text(result))
                                    if isinstance(result, Exception) else result)
-            group.clear()
-
-        for index, record in enumerate(items):
-            try:
-                prepared = self.prepare(record, swap_check=swap_check)
-            except Exception as exc:
-                verdicts[index] = self._failed(index, record, error_text(exc))
-            else:
-                if group and (prepared.group != group[-1][1].group or len(group) >= GROUP_SIZE):
-                    run_group()
-                group.append((index, prepared))
+            settled += len(group)
             if progress:
-                progress(index + 1 - len(group), len(items))
-        if group:
-            run_group()
+                progress(settled, len(items))
         if progress:
             progress(len(items), len(items))
         return verdicts  # type: ignore[return-value]
@@ -165,8 +166,7 @@ class Judge:
         fitted image, checked: a ValueError names what is wrong with it."""
         rec = record_from_mapping(record, self.mode)
         prepared = self._prepare(rec.image, rec.label, rec.responses(), swap_check)
-        image = rec.image if isinstance(rec.image, str) else prepared.prompt.image_key
-        prepared.group = (image, rec.label.strip().lower())
+        prepared.group = group_key(rec.image if isinstance(rec.image, str) else prepared.prompt.image_key, rec.label)
         return prepared
 
     def run_group(self, group: list[Prepared], *, expected_score: bool = False,

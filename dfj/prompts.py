@@ -11,6 +11,7 @@ import hashlib
 import re
 from functools import lru_cache
 from importlib import resources
+from typing import Sequence
 
 MODES = ("pointwise", "pairwise")
 LABELS = ("real", "fake", "edited")
@@ -185,3 +186,11 @@ def _compiled_chat_template():
 def _read_reference(name: str) -> str:
     data = resources.files("dfj").joinpath("reference", name).read_bytes()
     return data.decode("utf-8")
+
+
+def image_block(ids: Sequence[int], pad_id: int) -> int:
+    """Index of the one image pad in a prompt's ids; an error unless there is exactly one."""
+    at = [i for i, token in enumerate(ids) if token == pad_id]
+    if len(at) != 1:
+        raise ValueError(f"a prompt holds exactly one image pad, this one {len(at)}")
+    return at[0]

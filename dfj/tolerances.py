@@ -6,11 +6,12 @@ sets a bound.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
 class ExportGates:
-    """Probe logits of a written artifact against transformers on its source (`dfj.export.probe`)."""
+    """Probe logits of a written artifact against transformers on its source (`dfj.artifact.probe`)."""
 
     # A lossless path (the fp32 merge, fp32 ONNX) differs from its source only by fp32 rounding, which
     # grows with the logits: max |delta logit| <= atol + rtol * max |reference logit|, as numpy.allclose.
@@ -44,8 +45,35 @@ class BenchGates:
     vision_cos: float = 5e-5
 
 
+@dataclass(frozen=True)
+class BenchGate:
+    """How `dfj bench` applies one tolerance: to which measure of an artifact, in which direction that
+    measure gets worse, and in what unit the tolerance is given.
+
+    `delta`: the artifact's quality minus the reference's (`metric`) may move in the `worse` direction
+    by at most the tolerance x `scale`; `bound`: the measure itself may be at most the tolerance."""
+
+    key: str  # the `--tolerance` key, a field of BenchGates
+    measure: Literal["delta", "bound"]
+    metric: str  # the quality key (delta), or the artifact measure (bound)
+    worse: Literal[1, -1]  # +1: a larger value is worse
+    unit: str  # of the tolerance
+    scale: float = 1.0  # tolerance -> the metric's own unit
+    modes: tuple[str, ...] = ("pointwise", "pairwise")
+
+
+BENCH_GATES: tuple[BenchGate, ...] = (
+    BenchGate("parse", "delta", "parse_failure_rate", +1, "share of records"),
+    BenchGate("rmse", "delta", "rmse", +1, "score", modes=("pointwise",)),
+    BenchGate("pearson", "delta", "pearson", -1, "correlation", modes=("pointwise",)),
+    BenchGate("accuracy", "delta", "accuracy", -1, "percentage points", scale=0.01, modes=("pairwise",)),
+    BenchGate("kld", "bound", "kld_mean", +1, "nats per token"),
+    BenchGate("vision_cos", "bound", "vision_cos_gap", +1, "1 - mean token cosine"),
+)
+
 EXPORT = ExportGates()
 BENCH = BenchGates()
+assert sorted(g.key for g in BENCH_GATES) == sorted(asdict(BENCH)), "a bench tolerance without its gate row"
 
 
 def bench_defaults() -> dict[str, float]:

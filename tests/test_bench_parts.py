@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dfj.bench.parity import ReferenceRows, summarize, token_parity
-from dfj.bench.run import DEFAULT_TOLERANCE, _gate, parse_tolerance, published_for
+from dfj.bench.entries import ArtifactEntry, Cost, gate
+from dfj.bench.run import DEFAULT_TOLERANCE, _describe, parse_tolerance, published_for
 
 
 def _log_softmax(x):
@@ -73,28 +74,43 @@ def test_tolerance_parsing():
 
 
 def _entry(quality, delta, kld=1e-3, error=None, vision_cos=0.99999):
-    return {"quality": quality, "delta": delta, "parity": {"kld_mean": kld}, "error": error,
-            "vision": {"cos_mean": vision_cos}}
+    return ArtifactEntry(name="a", source="a", runtime="torch", device="cpu", dtype=None, format="safetensors", quant="none",
+                         error=error, quality=quality, cost=Cost(*[None] * 7), delta=delta, parity={"kld_mean": kld},
+                         vision={"cos_mean": vision_cos})
 
 
 def test_gate_names_each_metric_out_of_tolerance():
     tol = dict(DEFAULT_TOLERANCE)
     ref = {"rmse": 0.5, "pearson": 0.9, "parse_failure_rate": 0.0}
     good = _entry({"rmse": 0.52, "pearson": 0.89, "parse_failure_rate": 0.0}, {"rmse": 0.02, "pearson": -0.01, "parse_failure_rate": 0.0})
-    assert _gate("pointwise", good, ref, tol) == []
+    assert gate("pointwise", good, ref, tol) == []
     bad = _entry({"rmse": 0.6, "pearson": 0.85, "parse_failure_rate": 0.05}, {"rmse": 0.1, "pearson": -0.05, "parse_failure_rate": 0.05},
                  kld=0.2, vision_cos=0.9)
-    failures = _gate("pointwise", bad, ref, tol)
+    failures = gate("pointwise", bad, ref, tol)
     assert [f.split(":")[0] for f in failures] == ["parse_failure_rate", "rmse", "pearson", "kld", "vision_cos"]
     undefined = _entry({"rmse": None, "pearson": None, "parse_failure_rate": 1.0}, {"rmse": None, "pearson": None, "parse_failure_rate": 1.0})
-    assert any("undefined for the artifact" in f for f in _gate("pointwise", undefined, ref, tol))
+    assert any("undefined for the artifact" in f for f in gate("pointwise", undefined, ref, tol))
     pair_ref = {"accuracy": 0.9, "parse_failure_rate": 0.0}
-    assert _gate("pairwise", _entry({"accuracy": 0.895, "parse_failure_rate": 0}, {"accuracy": -0.005, "parse_failure_rate": 0}), pair_ref, tol) == []
-    assert "accuracy: -2.00 points" in _gate("pairwise", _entry({"accuracy": 0.88, "parse_failure_rate": 0}, {"accuracy": -0.02, "parse_failure_rate": 0}), pair_ref, tol)[0]
-    assert _gate("pairwise", _entry(None, None, kld=None), None, tol) == ["kld: no token could be compared with the reference"]
-    assert _gate("pairwise", _entry(None, None, vision_cos=None), None, tol) == [
+    assert gate("pairwise", _entry({"accuracy": 0.895, "parse_failure_rate": 0}, {"accuracy": -0.005, "parse_failure_rate": 0}), pair_ref, tol) == []
+    assert "accuracy: -2.00 points" in gate("pairwise", _entry({"accuracy": 0.88, "parse_failure_rate": 0}, {"accuracy": -0.02, "parse_failure_rate": 0}), pair_ref, tol)[0]
+    assert gate("pairwise", _entry(None, None, kld=None), None, tol) == ["kld: no token could be compared with the reference"]
+    assert gate("pairwise", _entry(None, None, vision_cos=None), None, tol) == [
         "vision_cos: no image's embeddings could be compared with the reference's"]
-    assert _gate("pairwise", _entry(None, None, error="boom"), None, tol) == ["run failed: boom"]
+    assert gate("pairwise", _entry(None, None, error="boom"), None, tol) == ["run failed: boom"]
+
+
+def test_an_artifact_with_a_missing_file_or_an_unreadable_manifest_is_an_error_naming_it(merged, tmp_path):
+    import shutil
+
+    good = _describe(str(merged("pairwise")))
+    assert good.error is None and good.format == "safetensors" and good.size_bytes > 0
+    broken = tmp_path / "broken"
+    shutil.copytree(merged("pairwise"), broken)
+    next(broken.glob("*.safetensors")).unlink()
+    described = _describe(str(broken))
+    assert "file(s) its dfj.json lists are missing: model" in described.error and str(broken) in described.error
+    (broken / "dfj.json").write_text("{not json")
+    assert _describe(str(broken)).error.startswith(f"cannot read {broken}")
 
 
 def test_published_numbers_only_for_real_dfj_splits(tmp_path):
@@ -121,7 +137,7 @@ def test_vision_parity_per_token_cosine_and_relative_l2():
 
 
 def _memory_cgroups_writable() -> bool:
-    from dfj.bench.memory import MemoryCap
+    from benchmarks.memory import MemoryCap
 
     try:
         MemoryCap(1 << 30, "probe").close()
@@ -132,7 +148,7 @@ def _memory_cgroups_writable() -> bool:
 
 @pytest.mark.skipif(not _memory_cgroups_writable(), reason="needs a writable memory cgroup hierarchy (root)")
 def test_a_memory_cap_kills_a_stage_that_needs_more_and_records_the_peak_of_one_that_fits():
-    from dfj.bench.memory import measure
+    from benchmarks.memory import measure
 
     allocate = "import numpy as np; a = np.ones(400_000_000 // 8); print(a.sum())"
     fits = measure(allocate, cap=800_000_000, name="fits")

@@ -98,3 +98,10 @@ def test_a_refused_option_is_reported_once(tiny):
                                  "--response-b", "b", "--expected-score"])
     assert result.exit_code == 2
     assert result.output.count("error:") == 1 and "--expected-score for pointwise judges" in result.output
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "probe injection"])
+def test_boolean_options_show_as_flags_in_help(command):
+    result = runner.invoke(app, [*command.split(), "--help"], prog_name="dfj", terminal_width=200)
+    assert result.exit_code == 0 and f"Usage: dfj {command}" in result.output
+    assert "bool" not in result.output, result.output

@@ -24,10 +24,10 @@ def test_cuda_bf16_agrees_with_cpu_fp32(merged, judges, tiny_split):
 def test_gptq_artifact_on_cuda_matches_the_cpu_verdicts(tmp_path):
     """The same GPTQ artifact through the stack's CUDA kernels and through the CPU torch kernel."""
     import dfj
-    from dfj.export import export
+    from dfj.pipeline import build
     from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
-    artifact = export(trained_tiny_judge("pointwise"), tmp_path / "gptq", "gptq-4bit",
+    artifact = build(trained_tiny_judge("pointwise"), tmp_path / "gptq", "gptq-4bit",
                       calibration=trained_tiny_split("pointwise", "train"), samples=32)
     records = read_split(trained_tiny_split("pointwise", "test")).records[:10]
     cpu = dfj.load_judge(str(artifact)).score_many(records)

@@ -114,3 +114,29 @@ def test_jsonl_file_and_forced_mode(split_dir):
     _write(split_dir, [{"image": "images/a.png", "label": "fake", "response": "r"}])
     split = read_split(split_dir / "data.jsonl", mode="pairwise")
     assert not split.records and "pointwise record in a pairwise split" in split.errors[0].message
+
+
+def test_absolute_image_paths_are_taken_inside_the_image_root_only(tmp_path):
+    """ms-swift files carry absolute image paths: `--image-root DIR` takes them inside DIR, with the
+    service's rules (no `..`, no symlink out); every other line keeps its own error, none is lost."""
+    from dfj.batch import units
+
+    root, outside, split = tmp_path / "images", tmp_path / "elsewhere", tmp_path / "split"
+    for folder in (root, outside, split):
+        folder.mkdir()
+    for path in (root / "a.png", outside / "b.png", split / "c.png"):
+        Image.new("RGB", (32, 32)).save(path)
+    (root / "link.png").symlink_to(outside / "b.png")
+    (root / "sub").mkdir()
+    images = [str(root / "a.png"), str(outside / "b.png"), f"{root}/sub/../../elsewhere/b.png", str(root / "link.png"),
+              f"{root}/sub/../a.png", "c.png"]
+    (split / "data.jsonl").write_text("".join(json.dumps({"image": image, "label": "fake", "response": "r"}) + "\n"
+                                              for image in images))
+    lines = [line for unit in units(split / "data.jsonl", 0, root) for line in unit]
+    assert [line.record is not None for line in lines] == [True, False, False, False, False, True]
+    for line in lines[1:5]:
+        assert "escapes the image root" in line.result["error"] and line.result["error"].startswith(f"line {line.number}:")
+    assert lines[0].record.image == str(root / "a.png") and lines[5].record.image == str(split / "c.png")
+    plain = [line for unit in units(split / "data.jsonl") for line in unit]
+    assert "is absolute" in plain[0].result["error"] and "--image-root" in plain[0].result["error"]
+    assert read_split(split, image_root=root).records[0].image == str(root / "a.png")

@@ -57,7 +57,7 @@ def test_the_cached_path_writes_what_transformers_generate_writes(trained):
     batch = records[:10]
     verdicts = judge.score_many(batch)
     for record, verdict in zip(batch, verdicts):
-        prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+        prompt = judge.prompt(record.image, record.label, *record.responses())
         reference = judge.runtime.decode(judge.runtime.reference_generate(prompt, judge.new_token_limit))
         assert reference.startswith(verdict.text) and verdict.text.endswith("</score>")
 
@@ -115,7 +115,7 @@ def test_scores_return_only_what_was_asked_and_match_full_rows(trained):
 
     judge, records = trained["pairwise"]
     record = records[0]
-    prompt = judge._prepare(record.image, record.label, record.responses()).prompt
+    prompt = judge.prompt(record.image, record.label, *record.responses())
     forced = tuple(judge.runtime.tokenize("<answer>A</answer>", True))
     asked = Scoring(forced, tokens=(forced[1], forced[0]), top_k=3)
     full, picked = judge.runtime.score([prompt, prompt], [Scoring(forced, full=True), asked])

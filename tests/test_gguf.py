@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import dfj
 from dfj.cli import app
 from dfj.export import export
+from dfj.pipeline import build
 from dfj.images import fit_to_grid
 from dfj.manifest import read_manifest, verify
 
@@ -26,7 +27,7 @@ def gguf(module_dir):
     built = {}
     for mode in ("pointwise", "pairwise"):
         for quant in ("f32", "f16"):
-            built[mode, quant] = export(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
+            built[mode, quant] = build(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
     built["merged"] = export(trained_tiny_judge("pointwise"), root / "merged", "none", dtype="float32")
     return built
 
@@ -124,7 +125,7 @@ def test_full_prompt_ids_match_the_transformers_processor(gguf, judges, records,
         expected = theirs.chat.encode(image, chat)["input_ids"][0].tolist()
         assert ours.prompt_ids(record.image, record.label, *record.responses()) == expected
         # and mtmd makes exactly that many image tokens of the image
-        prompt = ours._prepare(record.image, record.label, record.responses()).prompt
+        prompt = ours.prompt(record.image, record.label, *record.responses())
         assert ours.runtime.embed_images([prompt])[0].shape[0] == expected.count(theirs.chat.image_pad_id)
 
 
@@ -135,7 +136,7 @@ def test_f32_vision_embeddings_match_transformers(gguf, judges, size):
     rng = np.random.default_rng(sum(size))
     image = fit_to_grid(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB"))
     judge = judges(gguf["pointwise", "f32"])
-    ours = judge.runtime.embed_images([judge._prepare(image, "fake", ("a response",)).prompt])[0]
+    ours = judge.runtime.embed_images([judge.prompt(image, "fake", "a response")])[0]
     reference = judges(gguf["merged"]).runtime  # the LoRA leaves the vision tower as it is
     inputs = reference.processor.image_processor(images=[image], return_tensors="pt")
     with torch.inference_mode():
@@ -194,7 +195,7 @@ def test_kv_reuse_across_records_gives_the_logits_of_a_fresh_runtime(gguf, recor
     warm = dfj.load_judge(str(gguf["pointwise", "f32"]))
     forced = Scoring(tuple(warm.runtime.tokenize("<reasoning>ok</reasoning>\n<score>3</score>", True)), full=True)
     for record in group + [other] + group[:1]:
-        prompt = warm._prepare(record.image, record.label, record.responses()).prompt
+        prompt = warm.prompt(record.image, record.label, *record.responses())
         reused = warm.runtime.score([prompt], [forced])[0].rows
         generated = warm.runtime.generate([prompt], 12)[0]
         fresh = dfj.load_judge(str(gguf["pointwise", "f32"]))
@@ -312,18 +313,18 @@ def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
 
     root = module_dir(f"gguf-quant-{mode}")
     adapter = trained_tiny_judge(mode)
-    artifacts = [BenchJudge(str(export(adapter, root / q, f"gguf-{q}")), "llamacpp", label=q) for q in QUANT_BOUNDS]
+    artifacts = [BenchJudge(str(build(adapter, root / q, f"gguf-{q}")), "llamacpp", label=q) for q in QUANT_BOUNDS]
     report = run_bench(BenchJudge(str(adapter), "torch", label="reference"), artifacts,
                        trained_tiny_split(mode, "test"), root / "report", limit=24)
     measured = {}
-    for entry in report["artifacts"]:
-        bounds, parity = QUANT_BOUNDS[entry["name"]], entry["parity"]
-        measured[entry["name"]] = {"kld_mean": parity["kld_mean"], "top1": parity["top1_agreement"],
-                                   "agreement": entry["agreement"], "bytes": entry["cost"]["size_bytes"]}
-        assert entry["error"] is None, entry["error"]
+    for entry in report.artifacts:
+        bounds, parity = QUANT_BOUNDS[entry.name], entry.parity
+        measured[entry.name] = {"kld_mean": parity["kld_mean"], "top1": parity["top1_agreement"],
+                                "agreement": entry.agreement, "bytes": entry.cost.size_bytes}
+        assert entry.error is None, entry.error
         assert parity["tokens"] > 24 and parity["kld_mean"] <= bounds["kld"], parity
-        assert parity["top1_agreement"] >= bounds["top1"] and entry["agreement"] >= bounds["agree"], entry
-        assert read_manifest(root / entry["name"]).quant == f"gguf-{entry['name']}"
+        assert parity["top1_agreement"] >= bounds["top1"] and entry.agreement >= bounds["agree"], entry
+        assert read_manifest(root / entry.name).quant == f"gguf-{entry.name}"
     print(f"\n{mode} GGUF quantization vs torch fp32: {json.dumps(measured)}")
     assert measured["q4_k_m"]["bytes"] < measured["q8_0"]["bytes"]
 

@@ -42,12 +42,12 @@ def converter(tmp_path_factory) -> Path:
 def converted(converter, merged, module_dir):
     """(dfj's export, llama.cpp's conversion) of one merged tiny judge: text and vision files."""
     from dfj.export import export
-    from dfj.export.gguf import MMPROJ_FILE, TEXT_FILE
+    from dfj.export.gguf import GGUF_MMPROJ_FILE, GGUF_TEXT_FILE
 
     model = merged("pointwise")
     ours = export(model, module_dir("dfj-gguf") / "f32", "gguf-f32")
     theirs = module_dir("llama-gguf")
-    for flag, name in (([], TEXT_FILE), (["--mmproj"], MMPROJ_FILE)):
+    for flag, name in (([], GGUF_TEXT_FILE), (["--mmproj"], GGUF_MMPROJ_FILE)):
         run = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
                               "--outfile", str(theirs / name), *flag], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -70,9 +70,9 @@ def _read(path: Path) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("file", ["text", "mmproj"])
 def test_dfj_gguf_has_the_tensors_and_metadata_llama_cpp_converter_writes(converted, file):
-    from dfj.export.gguf import MMPROJ_FILE, TEXT_FILE
+    from dfj.export.gguf import GGUF_MMPROJ_FILE, GGUF_TEXT_FILE
 
-    name = TEXT_FILE if file == "text" else MMPROJ_FILE
+    name = GGUF_TEXT_FILE if file == "text" else GGUF_MMPROJ_FILE
     ours, theirs = converted
     our_meta, our_tensors = _read(ours / name)
     their_meta, their_tensors = _read(theirs / name)
@@ -101,9 +101,9 @@ def test_llama_cpp_warns_about_no_token_of_the_dfj_gguf_its_own_conversion_does_
     """Typed USER_DEFINED, Qwen2.5's six added <|fim_…|> tokens drew a "control-looking token" warning
     each. What remains is the vocabulary's own `</s>` (id 128247, an ordinary BPE token), which llama.cpp
     also warns about in the file its converter writes."""
-    from dfj.export.gguf import TEXT_FILE
+    from dfj.export.gguf import GGUF_TEXT_FILE
 
     ours, theirs = converted
     warned = lambda log: [line for line in log.splitlines() if "control-looking token" in line]  # noqa: E731
-    assert warned(_load_log(ours / TEXT_FILE)) == warned(_load_log(theirs / TEXT_FILE))
-    assert all("'</s>'" in line for line in warned(_load_log(ours / TEXT_FILE)))
+    assert warned(_load_log(ours / GGUF_TEXT_FILE)) == warned(_load_log(theirs / GGUF_TEXT_FILE))
+    assert all("'</s>'" in line for line in warned(_load_log(ours / GGUF_TEXT_FILE)))

@@ -12,6 +12,7 @@ import dfj
 from dfj import prompts
 from dfj.cli import app
 from dfj.export import export
+from dfj.pipeline import build
 from dfj.manifest import read_manifest, verify
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def test_fp32_logits_match_transformers_at_every_output_position(onnx_fp32, merg
 
     judge = judges(onnx_fp32["pointwise"], runtime="onnx")
     reference = judges(merged("pointwise")).runtime
-    prompt = judge._prepare(_image(*size), "edited", ("<reasoning>Odd seam.</reasoning> <answer>fake</answer>",)).prompt
+    prompt = judge.prompt(_image(*size), "edited", "<reasoning>Odd seam.</reasoning> <answer>fake</answer>")
     ids = tuple(judge.runtime.tokenize(CONTINUATION, True))
     # every continuation position and the one after it (a filler id, never read)
     got = judge.runtime.score([prompt], [Scoring(ids + (ids[-1],), full=True)])[0].rows
@@ -153,19 +154,19 @@ def test_quantized_graphs_stay_within_stated_bounds(tmp_path):
     from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     adapter = trained_tiny_judge("pointwise")
-    artifacts = [BenchJudge(str(export(adapter, tmp_path / q, f"onnx-{q}")), "onnx", label=q) for q in QUANT_BOUNDS]
+    artifacts = [BenchJudge(str(build(adapter, tmp_path / q, f"onnx-{q}")), "onnx", label=q) for q in QUANT_BOUNDS]
     report = run_bench(BenchJudge(str(adapter), "torch", label="reference"), artifacts,
                        trained_tiny_split("pointwise", "test"), tmp_path / "report", limit=24)
     sizes = {}
-    for entry in report["artifacts"]:
-        bounds = QUANT_BOUNDS[entry["name"]]
-        parity = entry["parity"]
-        print(entry["name"], {k: parity[k] for k in ("tokens", "kld_mean", "top1_agreement")}, "agreement", entry["agreement"])
+    for entry in report.artifacts:
+        bounds = QUANT_BOUNDS[entry.name]
+        parity = entry.parity
+        print(entry.name, {k: parity[k] for k in ("tokens", "kld_mean", "top1_agreement")}, "agreement", entry.agreement)
         assert parity["tokens"] > 100 and parity["kld_mean"] <= bounds["kld"], parity
-        assert parity["top1_agreement"] >= bounds["top1"] and entry["agreement"] >= bounds["agree"], entry
-        decoder = tmp_path / entry["name"] / "decoder.onnx"
-        sizes[entry["name"]] = decoder.stat().st_size + sum(p.stat().st_size for p in decoder.parent.glob("decoder.onnx.data"))
-        assert read_manifest(tmp_path / entry["name"]).quant == f"onnx-{entry['name']}"
+        assert parity["top1_agreement"] >= bounds["top1"] and entry.agreement >= bounds["agree"], entry
+        decoder = tmp_path / entry.name / "decoder.onnx"
+        sizes[entry.name] = decoder.stat().st_size + sum(p.stat().st_size for p in decoder.parent.glob("decoder.onnx.data"))
+        assert read_manifest(tmp_path / entry.name).quant == f"onnx-{entry.name}"
     assert sizes["int4"] < sizes["int8"]
 
 

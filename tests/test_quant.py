@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from dfj.cli import app
 from dfj.export import export
+from dfj.pipeline import build
 from dfj.manifest import ArtifactError, read_manifest, sha256_file, verify
 from dfj.quant import QuantSpec, quantize
 
@@ -71,7 +72,7 @@ def test_the_manifest_keeps_the_chain_from_source_to_quantization(lossless, tmp_
 @pytest.mark.parametrize("method", ["gguf-q4_k_m", "onnx-int4"])
 def test_the_export_shortcut_writes_the_same_model_files_as_export_then_quant(tiny, lossless, tmp_path, method):
     staged = quantize(lossless["gguf-f16" if method.startswith("gguf") else "onnx-fp32"], tmp_path / "staged", method)
-    shortcut = export(tiny("pointwise", adapter=True), tmp_path / "shortcut", method)
+    shortcut = build(tiny("pointwise", adapter=True), tmp_path / "shortcut", method)
     files, again = read_manifest(staged).files, read_manifest(shortcut).files
     assert files == again and len(files) >= 2
     assert [link["quant"] for link in read_manifest(shortcut).chain] == [read_manifest(staged).chain[0]["quant"], method]

@@ -45,7 +45,7 @@ def test_every_runtime_loads_and_judges_through_the_contract(artifacts):
         judge = dfj.load_judge(str(artifacts[formats[0]]), runtime=name)
         assert type(judge.runtime) is cls
         verdicts[name] = judge.compare(image, "fake", "a response", "another response")
-        [embeddings[name]] = judge.runtime.embed_images([judge._prepare(image, "fake", ("a", "b")).prompt])
+        [embeddings[name]] = judge.runtime.embed_images([judge.prompt(image, "fake", "a", "b")])
         judge.runtime.close()
     assert {name for name, v in verdicts.items() if v.p_a is not None} == set(RUNTIMES)
     choices = {v.choice for v in verdicts.values()}

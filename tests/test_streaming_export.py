@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfj import hf
-from dfj.bench.memory import measure
+from benchmarks.memory import measure
 from dfj.export import merge
-from dfj.export.checkpoint import Checkpoint
-from dfj.export.lora_merge import bounded_probe_logits, canonical_key, stream_merge
+from dfj.artifact.checkpoint import Checkpoint
+from dfj.artifact.probe import bounded_probe_logits
+from dfj.export.lora_merge import adapter_probe_logits, canonical_key, stream_merge
 from dfj.manifest import ArtifactError, read_manifest
 
 pytestmark = pytest.mark.slow
@@ -91,17 +92,17 @@ def test_probe_with_layers_on_disk_equals_the_probe_in_memory(tiny, tmp_path):
     adapter = tiny("pairwise", adapter=True)
     base = adapter.parent / "base"
     processor = AutoProcessor.from_pretrained(base)
-    for extra in ({}, {"adapter_dir": adapter}):
-        in_memory = bounded_probe_logits(base, processor, "pairwise", "float32", **extra)
-        streamed = bounded_probe_logits(base, processor, "pairwise", "float32", memory=0, **extra)
+    for with_adapter in (None, adapter):
+        in_memory = adapter_probe_logits(base, with_adapter, processor, "pairwise", "float32")
+        streamed = adapter_probe_logits(base, with_adapter, processor, "pairwise", "float32", memory=0)
         assert torch.equal(in_memory, streamed)
     # The LoRA hooks are the adapter: with them the logits move, as peft's unmerged forward moves them.
     with hf.quiet_transformers():
         peft_model = hf.apply_adapter(hf.load_model(base), adapter)
-    from dfj.export.probe import probe_logits
+    from dfj.artifact.probe import probe_logits
 
     with_peft = probe_logits(peft_model, processor, "pairwise")
-    hooked = bounded_probe_logits(base, processor, "pairwise", "float32", memory=0, adapter_dir=adapter)
+    hooked = adapter_probe_logits(base, adapter, processor, "pairwise", "float32", memory=0)
     plain = bounded_probe_logits(base, processor, "pairwise", "float32", memory=0)
     assert float((with_peft - hooked).abs().max()) < 1e-4 < float((with_peft - plain).abs().max())
 
@@ -113,7 +114,7 @@ def test_a_merge_with_its_probe_on_disk_records_the_same_parity(tiny, merged, tm
                                                   "merged_modules": 14}
 
 
-# Peak private memory of a stage run in a fresh process (`dfj.bench.memory.measure`), judges with 1024-wide
+# Peak private memory of a stage run in a fresh process (`benchmarks.memory.measure`), judges with 1024-wide
 # text layers (61 MB each in fp32) so that six more layers are far above the measurement's noise.
 WIDE_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=2,
                  vocab_size=151936, tie_word_embeddings=True)

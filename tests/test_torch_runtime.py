@@ -52,7 +52,7 @@ def test_logprobs_are_teacher_forced_and_consistent_with_greedy(point, records):
 
     record = records[1]
     runtime = point.runtime
-    prompt = point._prepare(record.image, record.label, record.responses()).prompt
+    prompt = point.prompt(record.image, record.label, *record.responses())
     ids = runtime.generate([prompt], MAX_NEW)[0]
     lp = runtime.score([prompt], [Scoring(tuple(ids), full=True)])[0].rows
     vocab = runtime.model.config.text_config.vocab_size
@@ -69,7 +69,7 @@ def test_every_processor_output_reaches_the_model(point, records):
     """M-RoPE needs mm_token_type_ids; without it transformers 5 silently uses 1-D positions."""
     record = records[2]
     runtime = point.runtime
-    prompt = point._prepare(record.image, record.label, record.responses()).prompt
+    prompt = point.prompt(record.image, record.label, *record.responses())
     inputs = runtime.encode_ids(prompt.image, prompt.ids)
     assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"} <= set(inputs)
     with torch.inference_mode():
@@ -154,7 +154,7 @@ def test_a_merged_judge_on_cpu_is_packed_and_judges_as_the_plain_model(tiny, jud
     # Every linear layer of the text model, the head and the vision tower: none left unpacked.
     assert packed.runtime.describe()["packed_linears"] > 0 and plain.runtime.describe()["packed_linears"] == 0
     assert not [name for name, m in packed.runtime.model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv3d)]
-    group = [packed._prepare(r.image, r.label, r.responses()).prompt for r in records[:5]]
+    group = [packed.prompt(r.image, r.label, *r.responses()) for r in records[:5]]
     [seen_packed], [seen_plain] = packed.runtime.embed_images(group[:1]), plain.runtime.embed_images(group[:1])
     assert np.abs(np.asarray(seen_packed) - np.asarray(seen_plain)).max() < 1e-4
     assert packed.runtime.generate(group, MAX_NEW) == plain.runtime.generate(group, MAX_NEW)

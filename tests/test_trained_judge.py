@@ -24,7 +24,7 @@ def metrics():
 
 
 # The quality gates, set from the spread measured across builds (issue 23: seeds x CPU-kernel settings,
-# `scripts/trained_spread.py`, README "Spread across builds"): each sits below the worst build
+# `benchmarks/trained_spread.py`, docs/trained-judges.md): each sits below the worst build
 # measured, with a margin, so that the judges trained on another machine pass them too.
 GATES = {
     "pointwise_rmse_max": 0.95,

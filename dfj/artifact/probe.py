@@ -97,3 +97,52 @@ def runtime_probe(runtime: str, folder, mode: str, limits, positions: int = 24, 
         return torch.from_numpy(result.rows)
     finally:
         backend.close()
+
+
+# -- the probe as each format's runtime answers it, and the reference within a memory budget ----------
+# What a parity probe may hold in weights before the reference runs with its layers on disk.
+PROBE_MEMORY_BYTES = 2 * 1024**3
+# Text positions a llama.cpp context sized to the probe holds besides the image (the probe needs under
+# a thousand; llama.cpp allocates its whole KV cache up front: 16 MB a layer for an f32 file at 8,192).
+PROBE_TEXT_POSITIONS = 1024
+
+
+def bounded_probe_logits(model_dir, processor, mode: str, dtype: str, *, memory: int = PROBE_MEMORY_BYTES,
+                         hooks=None):
+    """Probe logits of the checkpoint in `model_dir` through transformers. A model whose weights (as
+    `dtype`) fit in `memory` bytes loads whole; a bigger one runs with its layers on disk. `hooks(model,
+    checkpoint)`, a context manager, runs around the forward (the merge runs base + adapter unmerged)."""
+    import contextlib
+    import tempfile
+    from pathlib import Path
+
+    from dfj import hf
+    from dfj.artifact.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(Path(model_dir))
+    itemsize = hf.torch_dtype(dtype, "cpu").itemsize
+    fits = sum(checkpoint.numel(key) for key in checkpoint.keys()) * itemsize <= memory
+    with tempfile.TemporaryDirectory(prefix="dfj-offload-") as offload:
+        with hf.quiet_transformers():
+            model = hf.load_model(model_dir, dtype=hf.torch_dtype(dtype, "cpu"), offload_folder=None if fits else Path(offload))
+        with hooks(model, checkpoint) if hooks is not None else contextlib.nullcontext():
+            return probe_logits(model, processor, mode)
+
+
+def gguf_probe_logits(folder, mode: str, limits, normalizer: str | None, positions: int = 24):
+    """Log-probabilities at the last `positions` positions of the probe, run by llama.cpp on `folder`'s
+    GGUF files, in a context sized to the probe."""
+    from dfj.images import PATCH_FACTOR
+
+    image = probe_image()
+    image_tokens = -(-max(image.width * image.height, limits.min_pixels) // PATCH_FACTOR**2)
+    context = -(-(PROBE_TEXT_POSITIONS + image_tokens) // 256) * 256
+    return runtime_probe("llamacpp", folder, mode, limits, positions, context=context, normalizer=normalizer)
+
+
+def onnx_probe_logits(folder, manifest):
+    """The probe through the ONNX runtime: log-probabilities at the probe's last positions. The runtime
+    reads the graphs' layout from `manifest` (the folder's, or the one an export will write)."""
+    from dfj.images import PixelLimits
+
+    return runtime_probe("onnx", folder, manifest.mode, PixelLimits(**manifest.pixels), manifest=manifest)

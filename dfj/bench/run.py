@@ -22,13 +22,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dfj.bench.metrics import pairwise_quality, pointwise_quality
+from dfj.bench.entries import ArtifactEntry, BenchReport, Cost, DataInfo, JudgeEntry, gate, quality_delta
 from dfj.bench.forkserver import WorkerServers
+from dfj.bench.metrics import pairwise_quality, pointwise_quality
 from dfj.bench.parity import TokenParity, summarize, summarize_vision
 from dfj.bench.worker import STATS, VISION, WorkerSpec, finished, keep_cached_stats, pending
 from dfj.tolerances import bench_defaults
-
-SCHEMA = "dfj-bench/1"
 
 # Gate defaults (how much worse than the reference an artifact may be): dfj.tolerances.BenchGates.
 DEFAULT_TOLERANCE: dict[str, float] = bench_defaults()
@@ -109,7 +108,7 @@ def run_bench(
     tolerance: dict[str, float] | None = None,
     progress: Progress | None = None,
     servers: WorkerServers | None = None,
-) -> dict[str, Any]:
+) -> BenchReport:
     """Run the bench and write report.json / report.md / report.png into `report_dir`. `servers`: worker
     servers to use and leave running (a caller running several benches); by default the bench's own."""
     from dfj.data import read_split
@@ -142,6 +141,9 @@ def run_bench(
                         cache=str(report_dir / "cache" / _cache_key(judge, "artifact", data_hash, common, extra=ref_key)),
                         runtime=judge.runtime, device=judge.device, dtype=judge.dtype, reference_cache=str(ref_cache),
                         **common) for judge in artifacts]
+    described = {id(judge): _describe(judge.source) for judge in [reference, *artifacts]}  # each resolved once
+    if described[id(reference)].error:
+        raise BenchError(f"the reference {reference.source}: {described[id(reference)].error}")
     owned = servers is None
     servers = servers or WorkerServers(report_dir / "cache")
     try:
@@ -150,24 +152,20 @@ def run_bench(
         ref_run = _run_worker(servers, reference, ref_spec, waiting[0], progress)
         if ref_run["error"]:
             raise BenchError(f"the reference {reference.source} failed: {ref_run['error']}")
-        entries = [_artifact_entry(judge, _run_worker(servers, judge, spec, wait, progress), ref_run["rows"],
-                                   mode, gold, has_gold, tolerance) for judge, spec, wait in zip(artifacts, specs, waiting[1:])]
+        ref_entry = _judge_entry(JudgeEntry, reference, described[id(reference)], ref_run, mode, gold, has_gold)
+        entries = [_artifact_entry(judge, described[id(judge)], _run_worker(servers, judge, spec, wait, progress), ref_run["rows"],
+                                   ref_entry.quality, mode, gold, has_gold, tolerance)
+                   for judge, spec, wait in zip(artifacts, specs, waiting[1:])]
     finally:
         if owned:
             servers.close()
-    report = {
-        "schema": SCHEMA,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "data": {"path": str(split.path), "sha256": data_hash, "mode": mode, "records": count,
-                 "unreadable_lines": len(split.errors), "gold": has_gold, "published": published_for(data, mode)},
-        "tolerance": tolerance,
-        "reference": _judge_entry(reference, ref_run, mode, gold, has_gold),
-        "artifacts": entries,
-        "passed": all(e["passed"] for e in entries),
-    }
+    report = BenchReport(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        data=DataInfo(str(split.path), data_hash, mode, count, len(split.errors), has_gold, published_for(data, mode)),
+        tolerance=tolerance, reference=ref_entry, artifacts=entries)
     from dfj.bench.report import write_report
 
-    write_report(report, report_dir)
+    write_report(report.to_dict(), report_dir)
     return report
 
 
@@ -235,6 +233,36 @@ def _run_worker(servers: WorkerServers, judge: BenchJudge, spec: WorkerSpec, wai
 
 
 # -- aggregation ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Described:
+    """What a judge's files say: its format and quant (dfj.json), its size, or why they cannot be read."""
+
+    format: str = "source"
+    quant: str = "none"
+    size_bytes: int | None = None
+    error: str | None = None
+
+
+def _describe(source: str) -> Described:
+    """The judge's manifest and size, read once; an unreadable manifest or a file it lists that is
+    missing is the judge's error (named), never a silent gap in the report."""
+    from dfj.sources import resolve
+
+    try:
+        resolved = resolve(source, verify_files=False)
+    except (ValueError, OSError) as exc:
+        return Described(error=f"cannot read {source}: {exc}")
+    manifest = resolved.manifest
+    folders = [resolved.path] + ([resolved.base] if resolved.base else [])
+    if manifest is not None:
+        missing = sorted(name for name in manifest.files if not (Path(resolved.path) / name).is_file())
+        if missing:
+            return Described(manifest.format, manifest.quant,
+                             error=f"{source}: {len(missing)} file(s) its dfj.json lists are missing: {', '.join(missing[:3])}")
+    size = sum(p.stat().st_size for folder in folders for p in Path(folder).rglob("*") if p.is_file())
+    return Described(manifest.format, manifest.quant, size) if manifest else Described(size_bytes=size)
+
+
 def _prediction(mode: str, verdict: dict[str, Any]) -> Any:
     return verdict.get("score") if mode == "pointwise" else verdict.get("choice")
 
@@ -246,37 +274,26 @@ def _quality(mode: str, predictions: list, gold: list, has_gold: bool) -> dict[s
     return q.to_dict()
 
 
-def _judge_entry(judge: BenchJudge, run: dict[str, Any], mode: str, gold: list, has_gold: bool) -> dict[str, Any]:
+def _judge_entry(kind: type[JudgeEntry], judge: BenchJudge, described: Described, run: dict[str, Any], mode: str,
+                 gold: list, has_gold: bool) -> Any:
     rows = [run["rows"][i] for i in sorted(run["rows"])][: len(gold)]
     predictions = [_prediction(mode, r["verdict"]) for r in rows]
     latencies = np.asarray([r["latency_s"] for r in rows], dtype=np.float64)
-    manifest = _manifest(judge.source)
-    entry: dict[str, Any] = {
-        "name": judge.name(),
-        "source": judge.source,
-        "runtime": judge.runtime,
-        "device": judge.device,
-        "dtype": judge.dtype,
-        "format": manifest.format if manifest else "source",
-        "quant": manifest.quant if manifest else "none",
-        "error": run["error"],
-        "quality": _quality(mode, predictions, gold, has_gold) if len(rows) == len(gold) else None,
-        "cost": {
-            "import_s": run["stats"].get("import_s"),
-            "load_s": run["stats"].get("load_s"),
-            "latency_p50_s": float(np.percentile(latencies, 50)) if latencies.size else None,
-            "latency_p95_s": float(np.percentile(latencies, 95)) if latencies.size else None,
-            "records_per_s": float(latencies.size / latencies.sum()) if latencies.size and latencies.sum() > 0 else None,
-            "peak_rss_mb": run["stats"].get("peak_rss_mb"),
-            "size_bytes": _size_bytes(judge.source),
-        },
-    }
-    return entry
+    stats = run["stats"]
+    cost = Cost(
+        import_s=stats.get("import_s"), load_s=stats.get("load_s"),
+        latency_p50_s=float(np.percentile(latencies, 50)) if latencies.size else None,
+        latency_p95_s=float(np.percentile(latencies, 95)) if latencies.size else None,
+        records_per_s=float(latencies.size / latencies.sum()) if latencies.size and latencies.sum() > 0 else None,
+        peak_rss_mb=stats.get("peak_rss_mb"), size_bytes=described.size_bytes)
+    return kind(name=judge.name(), source=judge.source, runtime=judge.runtime, device=judge.device, dtype=judge.dtype,
+                format=described.format, quant=described.quant, error=described.error or run["error"],
+                quality=_quality(mode, predictions, gold, has_gold) if len(rows) == len(gold) else None, cost=cost)
 
 
-def _artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance) -> dict[str, Any]:
-    entry = _judge_entry(judge, run, mode, gold, has_gold)
-    reference = _judge_entry(BenchJudge("", ""), {"rows": ref_rows, "stats": {}, "error": None}, mode, gold, has_gold)
+def _artifact_entry(judge: BenchJudge, described: Described, run: dict[str, Any], ref_rows: dict, reference_quality: dict | None,
+                    mode: str, gold: list, has_gold: bool, tolerance: dict[str, float]) -> ArtifactEntry:
+    entry: ArtifactEntry = _judge_entry(ArtifactEntry, judge, described, run, mode, gold, has_gold)
     rows = run["rows"]
     agree = [
         _prediction(mode, rows[i]["verdict"]) is not None
@@ -284,70 +301,11 @@ def _artifact_entry(judge, run, ref_rows, mode, gold, has_gold, tolerance) -> di
         for i in sorted(rows) if i in ref_rows
     ]
     parts = [TokenParity(**rows[i]["parity"]) for i in sorted(rows) if rows[i].get("parity")]
-    entry["agreement"] = float(np.mean(agree)) if agree else None
-    entry["parity"] = summarize(parts).to_dict()
-    entry["parity"]["errors"] = [rows[i]["parity_error"] for i in sorted(rows) if rows[i].get("parity_error")][:5]
-    entry["vision"] = summarize_vision(run.get("vision", []))
-    entry["delta"] = _delta(entry["quality"], reference["quality"])
-    entry["failures"] = _gate(mode, entry, reference["quality"], tolerance)
-    entry["passed"] = not entry["failures"]
+    entry.agreement = float(np.mean(agree)) if agree else None
+    entry.parity = summarize(parts).to_dict()
+    entry.parity["errors"] = [rows[i]["parity_error"] for i in sorted(rows) if rows[i].get("parity_error")][:5]
+    entry.vision = summarize_vision(run.get("vision", []))
+    entry.delta = quality_delta(entry.quality, reference_quality)
+    entry.failures = gate(mode, entry, reference_quality, tolerance)
+    entry.passed = not entry.failures
     return entry
-
-
-def _delta(quality: dict | None, reference: dict | None) -> dict[str, float | None] | None:
-    if quality is None or reference is None:
-        return None
-    keys = ("rmse", "pearson", "spearman", "exact", "accuracy", "parse_failure_rate")
-    return {k: (None if quality.get(k) is None or reference.get(k) is None else quality[k] - reference[k])
-            for k in keys if k in quality}
-
-
-def _gate(mode: str, entry: dict[str, Any], reference: dict | None, tolerance: dict[str, float]) -> list[str]:
-    failures: list[str] = []
-    if entry["error"]:
-        return [f"run failed: {entry['error']}"]
-    delta = entry["delta"]
-    if delta is not None:
-        checks = [("parse_failure_rate", "parse", +1)]
-        checks += [("rmse", "rmse", +1), ("pearson", "pearson", -1)] if mode == "pointwise" else [("accuracy", "accuracy", -1)]
-        for metric, key, worse in checks:
-            value = delta.get(metric)
-            limit = tolerance[key] / (100.0 if key == "accuracy" else 1.0)
-            if value is None:
-                if entry["quality"].get(metric) is None and (reference or {}).get(metric) is not None:
-                    failures.append(f"{metric}: undefined for the artifact, defined for the reference")
-                continue
-            if worse * value > limit + 1e-12:
-                shown = f"{value * 100:+.2f} points" if key == "accuracy" else f"{value:+.4f}"
-                failures.append(f"{metric}: {shown} vs reference, tolerance {tolerance[key]:g}")
-    kld = entry["parity"]["kld_mean"]
-    if kld is None:
-        failures.append("kld: no token could be compared with the reference")
-    elif kld > tolerance["kld"]:
-        failures.append(f"kld: mean {kld:.4g} > {tolerance['kld']:g}")
-    cos = (entry.get("vision") or {}).get("cos_mean")
-    if cos is None:
-        failures.append("vision_cos: no image's embeddings could be compared with the reference's")
-    elif 1.0 - cos > tolerance["vision_cos"]:
-        failures.append(f"vision_cos: mean token cosine {cos:.6f} is below 1 by more than {tolerance['vision_cos']:g}")
-    return failures
-
-
-def _manifest(source: str):
-    from dfj.sources import resolve
-
-    try:
-        return resolve(source, verify_files=False).manifest
-    except Exception:
-        return None
-
-
-def _size_bytes(source: str) -> int | None:
-    from dfj.sources import resolve
-
-    try:
-        resolved = resolve(source, verify_files=False)
-    except Exception:
-        return None
-    folders = [resolved.path] + ([resolved.base] if resolved.base else [])
-    return sum(p.stat().st_size for folder in folders for p in Path(folder).rglob("*") if p.is_file())

@@ -181,19 +181,10 @@ def _vision_row(judge, record, spec: WorkerSpec, cache: Path) -> dict[str, Any]:
 
 
 def _groups(indices: list[int], records) -> list[list[int]]:
-    """Consecutive records of one image and label, at most `GROUP_SIZE`: what the judge runs as one call."""
-    from dfj.judge import GROUP_SIZE
+    """The records the judge runs as one call (`dfj.groups`)."""
+    from dfj.groups import chunk_groups, group_key
 
-    groups: list[list[int]] = []
-    key = None
-    for index in indices:
-        record = records[index]
-        record_key = (str(record.image), record.label.strip().lower())
-        if not groups or record_key != key or len(groups[-1]) >= GROUP_SIZE:
-            groups.append([])
-        groups[-1].append(index)
-        key = record_key
-    return groups
+    return list(chunk_groups(indices, key=lambda index: group_key(records[index].image, records[index].label)))
 
 
 def _judge_group(judge, group: list, indices: list[int], spec: WorkerSpec, cache: Path,

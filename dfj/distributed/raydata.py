@@ -55,7 +55,8 @@ def artifact_fingerprint(artifact: str | os.PathLike, mode: str | None = None) -
 class UnitJudge:
     """A Ray Data map worker: one loaded judge, one unit of input lines per call."""
 
-    def __init__(self, load: JudgeLoad, fingerprint: str, source: str, expected_score: bool, swap_check: bool) -> None:
+    def __init__(self, load: JudgeLoad, fingerprint: str, source: str, expected_score: bool, swap_check: bool,
+                 image_root: str | None = None) -> None:
         import dfj
 
         seen = artifact_fingerprint(load.artifact, load.mode)
@@ -65,12 +66,13 @@ class UnitJudge:
                 f"(fingerprint {seen[:12]}… here, {fingerprint[:12]}… there): refusing to judge with it")
         self.judge = dfj.load_judge(load.artifact, verify=True, **load.kwargs())
         self.source = Path(source)
+        self.image_root = image_root
         self.options = {"expected_score": expected_score, "swap_check": swap_check}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         result: dict[str, list] = {"first": [], "lines": [], "out": [], "judged": [], "unparsed": [], "errors": []}
         for first, offset, count in zip(batch["first"], batch["offset"], batch["count"]):
-            lines = read_unit(self.source, int(offset), int(first), int(count))
+            lines = read_unit(self.source, int(offset), int(first), int(count), self.image_root)
             rows = judge_unit(self.judge, lines, **self.options)
             tally = BatchSummary(out=self.source, lines=len(lines), resumed=0, judged=0, unparsed=0, errors=0)
             for line in lines:
@@ -83,7 +85,7 @@ class UnitJudge:
 
 def judge(load: JudgeLoad, source: str | os.PathLike, out: str | os.PathLike, *, engine: RaySpec = RaySpec(),
           resume: bool = False, overwrite: bool = False, progress: Progress | None = None,
-          expected_score: bool = False, swap_check: bool = False) -> BatchSummary:
+          expected_score: bool = False, swap_check: bool = False, image_root: str | os.PathLike | None = None) -> BatchSummary:
     """Judge every line of `source` into `out` on Ray: the file `dfj.batch.judge_jsonl` writes."""
     try:
         import ray
@@ -95,7 +97,7 @@ def judge(load: JudgeLoad, source: str | os.PathLike, out: str | os.PathLike, *,
     if Path(load.artifact).exists():  # an absolute path: workers do not share the driver's working folder
         load = dataclasses.replace(load, artifact=str(Path(load.artifact).resolve()))
     fingerprint = artifact_fingerprint(load.artifact, load.mode)
-    places = [{"first": unit[0].number, "offset": unit[0].offset, "count": len(unit)} for unit in units(source, done)]
+    places = [{"first": unit[0].number, "offset": unit[0].offset, "count": len(unit)} for unit in units(source, done, image_root)]
     summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
     started_here = not ray.is_initialized()
     if started_here:
@@ -111,7 +113,8 @@ def judge(load: JudgeLoad, source: str | os.PathLike, out: str | os.PathLike, *,
                 UnitJudge, batch_size=1, compute=ray.data.ActorPoolStrategy(size=engine.actors), num_cpus=engine.cpus_per_actor,
                 num_gpus=engine.gpus_per_actor or None,
                 fn_constructor_kwargs={"load": load, "fingerprint": fingerprint, "source": str(source),
-                                       "expected_score": expected_score, "swap_check": swap_check})
+                                       "expected_score": expected_score, "swap_check": swap_check,
+                                       "image_root": str(Path(image_root).resolve()) if image_root else None})
             expected = done + 1
             for row in dataset.iter_rows():
                 if int(row["first"]) != expected:  # Ray Data promised order; a gap or repeat is a bug, not output

@@ -25,15 +25,14 @@ from typing import Any, Callable
 import numpy as np
 
 from dfj import hf, tolerances
-from dfj.export.checkpoint import Checkpoint
+from dfj.artifact.checkpoint import Checkpoint
 from dfj.export.lora_merge import adapter_record, canonical_key
-from dfj.export.staging import staged_folder
+from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import write_manifest
-from dfj.runtime.llamacpp import package_version
+from dfj.layout import GGUF_MMPROJ_FILE, GGUF_TEXT_FILE
+from dfj.version import package_version
 
-TEXT_FILE = "model.gguf"
-MMPROJ_FILE = "mmproj.gguf"
 QUANTS = ("f32", "f16")
 # llama_ftype of the files written here (llama.h); the quantized ones are `dfj.quant.gguf`'s.
 LLAMA_FTYPES = {"f32": 0, "f16": 1}
@@ -41,7 +40,6 @@ LLAMA_FTYPES = {"f32": 0, "f16": 1}
 WARMUP_IMAGE_SIZE = 560
 # Text positions the export probe's chat may take (556 for pointwise with the Qwen2.5 tokenizer); more
 # fails loudly ("prompt needs N positions").
-PROBE_TEXT_POSITIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -313,11 +311,11 @@ def write_gguf(model_dir: Path, folder: Path, *, quant: str, name: str,
     normalizer = _normalizer(model_dir)
     shapes, read = _reader(model_dir)
     text, vision = plan_tensors(shapes, config)
-    _write(folder / TEXT_FILE, "qwen2vl", _text_metadata(config, model_dir, name, quant), text, read, quant)
-    _write(folder / MMPROJ_FILE, "clip", _vision_metadata(config, model_dir, name, mmproj_dtype), vision, read,
+    _write(folder / GGUF_TEXT_FILE, "qwen2vl", _text_metadata(config, model_dir, name, quant), text, read, quant)
+    _write(folder / GGUF_MMPROJ_FILE, "clip", _vision_metadata(config, model_dir, name, mmproj_dtype), vision, read,
            mmproj_dtype)
     return {"quant": quant, "mmproj_dtype": mmproj_dtype, "normalizer": normalizer, "text_tensors": len(text), "vision_tensors": len(vision),
-            "bytes": {TEXT_FILE: (folder / TEXT_FILE).stat().st_size, MMPROJ_FILE: (folder / MMPROJ_FILE).stat().st_size},
+            "bytes": {GGUF_TEXT_FILE: (folder / GGUF_TEXT_FILE).stat().st_size, GGUF_MMPROJ_FILE: (folder / GGUF_MMPROJ_FILE).stat().st_size},
             "writer": "gguf " + package_version("gguf")}
 
 
@@ -367,8 +365,8 @@ def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, nor
                  memory: int | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Probe logits of the GGUF files (through llama.cpp) against transformers on the merged model, in
     `dtype` (its layers streamed from disk when it is bigger than the probe's memory budget)."""
-    from dfj.export.lora_merge import bounded_probe_logits
-    from dfj.export.probe import as_logprobs, compare_logits
+    from dfj.artifact.probe import bounded_probe_logits, gguf_probe_logits
+    from dfj.artifact.probe import as_logprobs, compare_logits
 
     processor = hf.load_processor(merged)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
@@ -377,15 +375,3 @@ def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, nor
     return {**parity, "reference": f"transformers {dtype} (merged)"}
 
 
-def gguf_probe_logits(folder: Path, mode: str, limits: PixelLimits, normalizer: str | None, positions: int = 24):
-    """Log-probabilities at the last `positions` positions of the export probe, run by llama.cpp on
-    `folder`'s GGUF files."""
-    from dfj.export.probe import probe_image, runtime_probe
-    from dfj.runtime.llamacpp import PATCH_AREA
-
-    # A context sized to the probe: llama.cpp allocates the whole KV cache up front (16 MB a layer for
-    # an f32 file at the default 8,192 positions), and the probe needs under a thousand.
-    image = probe_image()
-    image_tokens = -(-max(image.width * image.height, limits.min_pixels) // PATCH_AREA)
-    context = -(-(PROBE_TEXT_POSITIONS + image_tokens) // 256) * 256
-    return runtime_probe("llamacpp", folder, mode, limits, positions, context=context, normalizer=normalizer)

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dfj import hf
-from dfj.export.checkpoint import Checkpoint, PlannedTensor, torch_dtype_code, write_shards
-from dfj import tolerances
-from dfj.export.probe import compare_logits, lossless_tolerance, probe_logits
-from dfj.export.staging import staged_folder
+from dfj import hf, tolerances
+from dfj.artifact.checkpoint import Checkpoint, PlannedTensor, torch_dtype_code, write_shards
+from dfj.artifact.probe import PROBE_MEMORY_BYTES, bounded_probe_logits, compare_logits, lossless_tolerance
+from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import ArtifactError, sha256_file, write_manifest
 from dfj.sources import export_manifest, resolve
@@ -39,7 +38,6 @@ from dfj.sources import export_manifest, resolve
 LOSSLESS_DTYPES = ("float32",)
 # Memory the parity probe may hold in weights; the layers past it are read from disk as the forward
 # reaches them. 2 GB holds a 7B judge's vision tower in bf16 and leaves the export under 4 GB.
-PROBE_MEMORY_BYTES = 2 * 1024**3
 # Files of a model folder besides its weights that the artifact carries (the processor is re-saved).
 _MODEL_FILES = ("config.json", "generation_config.json")
 
@@ -196,20 +194,14 @@ def lora_hooks(model, adapter_dir: Path, deltas: dict[str, LoraDelta]) -> Iterat
             handle.remove()
 
 
-def bounded_probe_logits(model_dir: Path, processor, mode: str, dtype: str, *, adapter_dir: Path | None = None,
+def adapter_probe_logits(model_dir: Path, adapter_dir: Path | None, processor, mode: str, dtype: str, *,
                          memory: int = PROBE_MEMORY_BYTES):
-    """Probe logits of the checkpoint in `model_dir` (+ the adapter, unmerged). A model whose weights
-    (as `dtype`) fit in `memory` bytes loads whole; a bigger one runs with its layers on disk."""
-    checkpoint = Checkpoint(model_dir)
-    itemsize = hf.torch_dtype(dtype, "cpu").itemsize
-    fits = sum(checkpoint.numel(key) for key in checkpoint.keys()) * itemsize <= memory
-    with tempfile.TemporaryDirectory(prefix="dfj-offload-") as offload:
-        with hf.quiet_transformers():
-            model = hf.load_model(model_dir, dtype=hf.torch_dtype(dtype, "cpu"), offload_folder=None if fits else Path(offload))
-        if adapter_dir is None:
-            return probe_logits(model, processor, mode)
-        with lora_hooks(model, adapter_dir, lora_deltas(adapter_dir, checkpoint)):
-            return probe_logits(model, processor, mode)
+    """Probe logits of the base in `model_dir` with the adapter applied unmerged (`lora_hooks`), within
+    the probe's memory budget; the base alone without an adapter."""
+    if adapter_dir is None:
+        return bounded_probe_logits(model_dir, processor, mode, dtype, memory=memory)
+    return bounded_probe_logits(model_dir, processor, mode, dtype, memory=memory, hooks=lambda model, checkpoint: lora_hooks(
+        model, adapter_dir, lora_deltas(adapter_dir, checkpoint)))
 
 
 def adapter_record(resolved) -> dict[str, Any]:
@@ -250,8 +242,7 @@ def export_merged(
         processor.save_pretrained(work)
         parity: dict[str, Any] = {}
         if check:
-            reference = bounded_probe_logits(model_dir, processor, resolved.mode, saved_dtype, adapter_dir=adapter_dir,
-                                             memory=probe_memory)
+            reference = adapter_probe_logits(model_dir, adapter_dir, processor, resolved.mode, saved_dtype, memory=probe_memory)
             merged = bounded_probe_logits(work, processor, resolved.mode, saved_dtype, memory=probe_memory)
             parity = compare_logits(reference, merged)
             tolerance = lossless_tolerance(reference) if saved_dtype in LOSSLESS_DTYPES else None

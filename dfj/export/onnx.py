@@ -26,13 +26,14 @@ from torch import nn
 
 from dfj import hf
 from dfj.export.lora_merge import adapter_record
-from dfj.export.staging import staged_folder
+from dfj.artifact.onnx_files import save_graph
+from dfj.artifact.staging import staged_folder
+from dfj.layout import ONNX_GRAPH_FILES
 from dfj.images import PixelLimits
 from dfj.manifest import Manifest, write_manifest
 from dfj.sources import export_manifest, resolve
 
 OPSET = 18
-GRAPHS = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
 QUANTS = ("fp32",)  # int8 / int4 decoders are a stage of their own: `dfj.quant.onnx`
 
 
@@ -132,32 +133,6 @@ def decoder_io(num_layers: int) -> tuple[list[str], list[str]]:
 VISION_INPUTS = ["pixel_values", "position_ids", "window_index", "reverse_index", "window_segments", "full_segments"]
 
 
-# Protobuf cannot serialise more than 2 GB: bigger graphs (the real 3B/7B decoders) keep their
-# weights in one `<graph>.onnx.data` file beside the graph.
-EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def save_graph(model, path: Path, external: bool | None) -> None:
-    import onnx
-
-    if external is None:
-        external = model.ByteSize() > EXTERNAL_DATA_BYTES if _fits(model) else True
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
-    if external:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
-
-
-def _fits(model) -> bool:
-    try:
-        return model.ByteSize() < 2**31
-    except Exception:  # protobuf refuses to size a message over 2 GB
-        return False
-
-
 def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
                   dynamic: dict[str, dict[int, str]], external: bool | None) -> None:
     import tempfile
@@ -180,7 +155,7 @@ def export_graphs(model: nn.Module, processor: Any, folder: Path, external: bool
     """Write the three fp32 graphs for `model` into `folder`; return their I/O description."""
     from dfj.runtime.onnx import vision_inputs
 
-    from dfj.export.probe import probe_image
+    from dfj.artifact.probe import probe_image
 
     model = model.float().eval()
     config = model.config
@@ -193,12 +168,12 @@ def export_graphs(model: nn.Module, processor: Any, folder: Path, external: bool
     vision = vision_inputs(image["pixel_values"], image["image_grid_thw"], config.vision_config)
     with torch.no_grad():
         _export_graph(VisionGraph(model.model.visual), tuple(vision[name] for name in VISION_INPUTS),
-                      folder / GRAPHS["vision"], VISION_INPUTS, ["image_embeds"],
+                      folder / ONNX_GRAPH_FILES["vision"], VISION_INPUTS, ["image_embeds"],
                       {"pixel_values": {0: "patches"}, "position_ids": {0: "patches"}, "window_index": {0: "tokens"},
                        "reverse_index": {0: "tokens"}, "window_segments": {0: "patches"},
                        "full_segments": {0: "patches"}, "image_embeds": {0: "tokens"}}, external)
         ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
-        _export_graph(EmbedGraph(model.model.language_model.embed_tokens), (ids,), folder / GRAPHS["embed"],
+        _export_graph(EmbedGraph(model.model.language_model.embed_tokens), (ids,), folder / ONNX_GRAPH_FILES["embed"],
                       ["input_ids"], ["inputs_embeds"],
                       {"input_ids": {0: "batch", 1: "length"}, "inputs_embeds": {0: "batch", 1: "length"}}, external)
         # Trace with past length >= 2 and length > 1 so no dimension is specialised to 0 or 1.
@@ -213,9 +188,9 @@ def export_graphs(model: nn.Module, processor: Any, folder: Path, external: bool
                    "position_ids": {1: "batch", 2: "length"}, "logits_index": {0: "kept"}, "logits": {0: "batch", 1: "kept"}}
         dynamic.update({name: {0: "batch", 2: "past"} for name in inputs[4:]})
         dynamic.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
-        _export_graph(DecoderGraph(model), (embeds, mask, positions, logits_index, *past), folder / GRAPHS["decoder"],
+        _export_graph(DecoderGraph(model), (embeds, mask, positions, logits_index, *past), folder / ONNX_GRAPH_FILES["decoder"],
                       inputs, outputs, dynamic, external)
-    return {"graphs": dict(GRAPHS), "opset": OPSET, "num_layers": layers, "num_key_value_heads": kv_heads,
+    return {"graphs": dict(ONNX_GRAPH_FILES), "opset": OPSET, "num_layers": layers, "num_key_value_heads": kv_heads,
             "head_dim": head_dim, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
             "decoder_inputs": inputs, "decoder_outputs": outputs, "vision_inputs": VISION_INPUTS}
 
@@ -234,7 +209,7 @@ def export_onnx(
 
     `external_data`: keep weights in `<graph>.onnx.data` files (default: only graphs over 1.8 GB).
     """
-    from dfj.export.probe import compare_logits, lossless_tolerance
+    from dfj.artifact.probe import compare_logits, lossless_tolerance
 
     if quant not in QUANTS:
         raise ValueError(f"unknown ONNX quantization {quant!r}: {', '.join(QUANTS)}")
@@ -256,7 +231,7 @@ def export_onnx(
         _copy_config(model_dir, work)
         processor.save_pretrained(work)
         layout = Manifest.for_judge(resolved.mode, "onnx", {}, limits=limits, extra={"onnx": onnx_info})
-        parity = compare_logits(reference, probe_onnx(work, layout))
+        parity = compare_logits(reference, onnx_probe_logits(work, layout))
         tolerance = lossless_tolerance(reference)
         parity.update(reference="transformers fp32 (merged)", tolerance=tolerance)
         if parity["max_abs_diff"] > tolerance:
@@ -276,14 +251,8 @@ def _copy_config(model_dir: Path, work: Path) -> None:
 
 
 def _probe_reference(model, processor, mode: str):
-    from dfj.export.probe import as_logprobs, probe_logits
+    from dfj.artifact.probe import as_logprobs, probe_logits
 
     return as_logprobs(probe_logits(model, processor, mode))
 
 
-def probe_onnx(folder: Path, manifest: Manifest):
-    """The same probe through the ONNX runtime: log-probabilities at the probe's last positions. The
-    runtime reads the graphs' layout from `manifest` (the folder's, or the one an export will write)."""
-    from dfj.export.probe import runtime_probe
-
-    return runtime_probe("onnx", folder, manifest.mode, PixelLimits(**manifest.pixels), manifest=manifest)

@@ -13,13 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dfj.export.gguf import MMPROJ_FILE, TEXT_FILE, gguf_probe_logits
-from dfj.export.probe import compare_logits
-from dfj.export.staging import staged_folder
+from dfj.artifact.probe import compare_logits
+from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import write_manifest
 from dfj.quant import QuantSpec, quantized_manifest
-from dfj.runtime.llamacpp import package_version
+from dfj.layout import GGUF_MMPROJ_FILE, GGUF_TEXT_FILE
+from dfj.version import package_version
 
 # llama_ftype of each quantization (llama.h).
 LLAMA_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -42,16 +42,16 @@ def quantize_gguf(source: Path, out: Path, spec: QuantSpec, manifest, *, overwri
     info: dict[str, Any] = dict(manifest.extra.get("gguf", {}))
     limits = PixelLimits(**manifest.pixels)
     with staged_folder(out, overwrite=overwrite) as work:
-        quantize_text(source / TEXT_FILE, work / TEXT_FILE, spec.level)
-        shutil.copyfile(source / MMPROJ_FILE, work / MMPROJ_FILE)
+        quantize_text(source / GGUF_TEXT_FILE, work / GGUF_TEXT_FILE, spec.level)
+        shutil.copyfile(source / GGUF_MMPROJ_FILE, work / GGUF_MMPROJ_FILE)
         for name in sorted(p.name for p in source.iterdir()):  # tokenizer / processor files, if any
-            if name not in (TEXT_FILE, MMPROJ_FILE, "dfj.json") and (source / name).is_file():
+            if name not in (GGUF_TEXT_FILE, GGUF_MMPROJ_FILE, "dfj.json") and (source / name).is_file():
                 shutil.copyfile(source / name, work / name)
         reference = gguf_probe_logits(source, manifest.mode, limits, info.get("normalizer"))
         parity = compare_logits(reference, gguf_probe_logits(work, manifest.mode, limits, info.get("normalizer")))
         parity.update(reference=f"{manifest.quant} (input, llama.cpp)", tolerance=None)
         info.update(quant=spec.level, quantized_from=manifest.quant,
-                    bytes={TEXT_FILE: (work / TEXT_FILE).stat().st_size, MMPROJ_FILE: (work / MMPROJ_FILE).stat().st_size},
+                    bytes={GGUF_TEXT_FILE: (work / GGUF_TEXT_FILE).stat().st_size, GGUF_MMPROJ_FILE: (work / GGUF_MMPROJ_FILE).stat().st_size},
                     quantizer=f"llama.cpp (llama-cpp-python {package_version('llama_cpp_python')})")
         write_manifest(work, quantized_manifest(manifest, source, "gguf", spec.method, parity, {"gguf": info}))
     return Path(out).resolve()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dfj import tolerances
-from dfj.export.staging import staged_folder
+from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits, load_image
 from dfj.manifest import write_manifest
 from dfj.quant import QuantSpec, quantized_manifest
@@ -131,9 +131,8 @@ def verify_gptq(folder: Path, merged: Path, mode: str, limits: PixelLimits) -> d
     from safetensors import safe_open
 
     from dfj import hf
-    from dfj.export.checkpoint import Checkpoint
-    from dfj.export.lora_merge import bounded_probe_logits
-    from dfj.export.probe import compare_logits, probe_logits
+    from dfj.artifact.checkpoint import Checkpoint
+    from dfj.artifact.probe import bounded_probe_logits, compare_logits, probe_logits
 
     config = json.loads((folder / "config.json").read_text())
     layers = config.get("text_config", config)["num_hidden_layers"]

@@ -11,9 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dfj.export.onnx import GRAPHS, probe_onnx, save_graph
-from dfj.export.probe import compare_logits
-from dfj.export.staging import staged_folder
+from dfj.artifact.onnx_files import save_graph
+from dfj.artifact.probe import onnx_probe_logits
+from dfj.layout import ONNX_GRAPH_FILES
+from dfj.artifact.probe import compare_logits
+from dfj.artifact.staging import staged_folder
 from dfj.manifest import write_manifest
 from dfj.quant import QuantSpec, quantized_manifest
 
@@ -28,9 +30,9 @@ def quantize_graphs(folder: Path, quant: str, external: bool | None = None) -> d
 
     if quant not in ("int8", "int4"):
         raise ValueError(f"unknown ONNX weight quantization {quant!r}: int8 or int4")
-    decoder = folder / GRAPHS["decoder"]
+    decoder = folder / ONNX_GRAPH_FILES["decoder"]
     with _quiet_quantizer(), tempfile.TemporaryDirectory(dir=folder, prefix=".quant-") as scratch:
-        quantized = Path(scratch) / GRAPHS["decoder"]
+        quantized = Path(scratch) / ONNX_GRAPH_FILES["decoder"]
         if quant == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -75,7 +77,7 @@ def quantize_onnx(source: Path, out: Path, spec: QuantSpec, manifest, *, overwri
         onnx_info = dict(manifest.extra.get("onnx", {}))
         onnx_info["quantization"] = quantize_graphs(work, spec.level)
         layout = dataclasses.replace(manifest, extra={**manifest.extra, "onnx": onnx_info})
-        parity = compare_logits(probe_onnx(source, manifest), probe_onnx(work, layout))
+        parity = compare_logits(onnx_probe_logits(source, manifest), onnx_probe_logits(work, layout))
         parity.update(reference="onnx-fp32 (input, ONNX Runtime)", tolerance=None)
         write_manifest(work, quantized_manifest(manifest, source, "onnx", spec.method, parity, {"onnx": onnx_info}))
     return Path(out).resolve()

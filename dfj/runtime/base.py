@@ -184,25 +184,27 @@ def each(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Result]:
 
 
 def by_group(items: Sequence[Any], batched: Callable[[list], list[Result]], alone: Callable[[Any], Any],
-             prompt_of: Callable[[Any], Prompt] = lambda item: item) -> list[Result]:
+             prompt_of: Callable[[Any], Prompt] = lambda item: item, size: int | None = None) -> list[Result]:
     """Results of `items` in order: `batched` on each group of items whose prompts share image and head
-    (`groups_by_head`), `alone` on an item without company. A group that fails runs again one item at a
-    time, so a bad item carries its own error and costs the others nothing; a cancelled group is not
-    rerun (every item gets the `Cancelled`)."""
+    (`groups_by_head`; cut into parts of at most `size`), `alone` on an item without company. A group
+    that fails runs again one item at a time, so a bad item carries its own error and costs the others
+    nothing; a cancelled group is not rerun (every item gets the `Cancelled`)."""
     outputs: list[Result] = [None] * len(items)
-    for indices in groups_by_head([prompt_of(item) for item in items]):
-        group = [items[i] for i in indices]
-        if len(group) == 1:
-            results = each(group, alone)
-        else:
-            try:
-                results = batched(group)
-            except Cancelled as exc:
-                results = [exc] * len(group)
-            except Exception:  # noqa: BLE001 - e.g. one bad prompt in the group: find it, keep the others
+    for found in groups_by_head([prompt_of(item) for item in items]):
+        for start in range(0, len(found), size or len(found)):
+            indices = found[start:start + size] if size else found
+            group = [items[i] for i in indices]
+            if len(group) == 1:
                 results = each(group, alone)
-        for index, result in zip(indices, results):
-            outputs[index] = result
+            else:
+                try:
+                    results = batched(group)
+                except Cancelled as exc:
+                    results = [exc] * len(group)
+                except Exception:  # noqa: BLE001 - e.g. one bad prompt in the group: find it, keep the others
+                    results = each(group, alone)
+            for index, result in zip(indices, results):
+                outputs[index] = result
     return outputs
 
 
@@ -222,11 +224,3 @@ def groups_by_head(prompts: Sequence[Prompt]) -> list[list[int]]:
         key = (prompt.image_key, prompt.ids[: prompt.head]) if prompt.head else ("alone", index)
         found.setdefault(key, []).append(index)
     return list(found.values())
-
-
-def image_block(ids: Sequence[int], pad_id: int) -> int:
-    """Index of the one image pad in a prompt's ids; an error unless there is exactly one."""
-    at = [i for i, token in enumerate(ids) if token == pad_id]
-    if len(at) != 1:
-        raise ValueError(f"a prompt holds exactly one image pad, this one {len(at)}")
-    return at[0]

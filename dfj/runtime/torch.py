@@ -113,7 +113,7 @@ class TorchRuntime(Runtime):
     @torch.inference_mode()
     def reference_generate(self, prompt, max_new_tokens: int) -> list[int]:
         """transformers' own `generate` on one prompt, no caches: the DFJ reference scripts' path, the
-        baseline of `dfj.bench.speed` and of the tests of the cached path."""
+        baseline of `benchmarks.speed` and of the tests of the cached path."""
         from transformers import GenerationConfig
 
         inputs = self.encode_ids(prompt.image, prompt.ids)

@@ -47,7 +47,7 @@ class CachedForward:
         self.vision: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prefixes: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.stats = {"vision_hits": 0, "vision_misses": 0, "prefix_hits": 0, "prefix_misses": 0}
-        # Seconds spent per stage (for dfj.bench.speed): image encoding, prompt prefill, decoding.
+        # Seconds spent per stage (for benchmarks.speed): image encoding, prompt prefill, decoding.
         self.seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
 
     # -- inputs ------------------------------------------------------------------------------------

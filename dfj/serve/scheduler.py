@@ -19,7 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from dfj.judge import GROUP_SIZE, Judge, error_text
+from dfj.groups import GROUP_SIZE, chunk_groups
+from dfj.judge import Judge, error_text
 from dfj.runtime.base import Cancelled
 from dfj.serve.inputs import BadInput, Item, Options
 from dfj.serve.metrics import Metrics
@@ -173,9 +174,8 @@ class Scheduler:
                 else:
                     pending.append((work, index, prepared))
         judged = 0
-        chunk: list[tuple[Work, int, Any]] = []
 
-        def run_chunk() -> None:
+        def run_chunk(chunk: list[tuple[Work, int, Any]]) -> None:
             nonlocal judged
             live = [entry for entry in chunk if entry[0].abandoned is None]
             for work, index, _ in chunk:
@@ -193,14 +193,9 @@ class Scheduler:
                         continue
                     outcomes[id(work)][index] = Failure(error_text(result)) if isinstance(result, Exception) else result
                     judged += 1
-            chunk.clear()
 
-        for entry in pending:
-            if chunk and (entry[2].group != chunk[-1][2].group or len(chunk) >= GROUP_SIZE):
-                run_chunk()
-            chunk.append(entry)
-        if chunk:
-            run_chunk()
+        for chunk in chunk_groups(pending, key=lambda entry: entry[2].group):
+            run_chunk(chunk)
         if judged:
             seconds = (time.monotonic() - started) / judged
             self._seconds_per_record = 0.8 * self._seconds_per_record + 0.2 * seconds

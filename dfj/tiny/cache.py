@@ -14,21 +14,40 @@ def default_cache() -> Path:
 
 
 def trained_tiny_root(seed: int = 0) -> Path:
-    """Build the trained tiny judges on first use (under a lock) and return their folder."""
+    """Build the trained tiny judges for this CPU class on first use (under a lock) and return their
+    folder: one build per class, so a machine (or a CI cache) that meets a known class never retrains."""
     import fcntl
 
-    from dfj.tiny.training import TRAINED_VERSION, TrainSettings, build_trained_judges
+    from dfj.tiny.training import TRAINED_VERSION, TrainSettings, build_trained_judges, cpu_class
 
-    root = default_cache() / f"trained-v{TRAINED_VERSION}-seed{seed}"
+    cpu = cpu_class()
+    root = default_cache() / f"trained-v{TRAINED_VERSION}-seed{seed}-{cpu}"
     if (root / "metrics.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build
-        if not (root / "metrics.json").is_file():
-            print(f"dfj: training the tiny DFJ judges into {root} (once per machine: about 15 minutes on 2 cores with AMX, longer on CPUs without native bf16)")
-            build_trained_judges(root, TrainSettings(seed=seed))
+        if not (root / "metrics.json").is_file() and not _adopt_unkeyed(root, root.parent / f"trained-v{TRAINED_VERSION}-seed{seed}", cpu):
+            print(f"dfj: training the tiny DFJ judges into {root} (once per CPU class: about 15 minutes on 2 cores "
+                  "with AMX, up to 45 without native bf16; progress below)", flush=True)
+            build_trained_judges(root, TrainSettings(seed=seed), log=lambda line: print(f"dfj: {line}", flush=True))
     return root
+
+
+def _adopt_unkeyed(root: Path, legacy: Path, cpu: str) -> bool:
+    """A build from before folders named their CPU class is this class's when its recorded kernels and
+    head dtype say so: it is renamed, not retrained."""
+    import json
+
+    try:
+        machine = json.loads((legacy / "metrics.json").read_text())["machine"]
+    except (OSError, ValueError, KeyError):
+        return False
+    aten, _, units = cpu.partition("-")
+    if machine.get("aten_cpu_capability", "").lower() != aten or (machine.get("head_dtype") == "bfloat16") != (units != "fp32"):
+        return False
+    legacy.rename(root)
+    return True
 
 
 def trained_tiny_judge(mode: str, seed: int = 0) -> Path:

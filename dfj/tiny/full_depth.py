@@ -1,7 +1,7 @@
 """Random-weight judges at the released shapes (Qwen2.5-VL-3B/7B-Instruct, every layer) to measure
 export and quantization at full depth without the real weights, which this project cannot download.
 
-The base checkpoint is written tensor by tensor (`dfj.export.checkpoint.write_shards`): the model is
+The base checkpoint is written tensor by tensor (`dfj.artifact.checkpoint.write_shards`): the model is
 never materialized, so a 7B judge is built on a machine with less memory than its weights. The LoRA
 adapter targets the language model's linear layers as the DFJ recipe does (rank 32, alpha 64), with
 non-zero B so that the merge changes every targeted weight.
@@ -67,7 +67,7 @@ def build_random_judge(root: str | os.PathLike, text: dict[str, Any], vision: di
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from dfj import hf
-    from dfj.export.checkpoint import PlannedTensor, torch_dtype_code, write_shards
+    from dfj.artifact.checkpoint import PlannedTensor, torch_dtype_code, write_shards
     from dfj.manifest import Manifest, write_manifest
     from dfj.tiny.model import LORA_EXCLUDE, LORA_TARGETS, write_processor
 

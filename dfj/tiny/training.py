@@ -31,6 +31,30 @@ from dfj.tiny.synthetic import ARTIFACT_WORDS, ARTIFACTS, cited_artifact, detect
 Log = Callable[[str], None]
 
 
+class TrainingClock:
+    """The time a first build has left, for its progress lines. Work is counted in base-step units, the
+    other kinds weighted by their cost relative to a base step as measured on 2 cores (a judge step
+    carries the 152k-token head at every target position; evaluation judges 1,200 records twice).
+    Time left = the time spent per unit so far x the units left, so the estimate follows this machine."""
+
+    JUDGE_STEP = 1.5
+    EVALUATION = 290.0  # both modes, with and without the image
+
+    def __init__(self, settings: "TrainSettings") -> None:
+        self.total = settings.base_steps + self.JUDGE_STEP * sum(settings.judge_steps.values()) + self.EVALUATION
+        self.done = 0.0
+        self.started = time.perf_counter()
+
+    def advance(self, units: float) -> None:
+        self.done += units
+
+    def left(self) -> str:
+        if self.done <= 0:
+            return ""
+        seconds = (time.perf_counter() - self.started) * (self.total - self.done) / self.done
+        return f"; about {max(1, round(seconds / 60))} min left" if seconds >= 30 else "; under a minute left"
+
+
 @dataclass
 class TrainSettings:
     seed: int = 0
@@ -128,6 +152,24 @@ def head_dtype():
     return torch.bfloat16 if native and not capped else torch.float32
 
 
+def cpu_class() -> str:
+    """The class of CPU a trained build is a function of (training amplifies kernel differences): ATen's
+    vector kernels (`avx512`, `avx2`, `default`…) and the bf16 matrix units the judge phase's head uses
+    (`amx`, `bf16` for AVX512_BF16, `fp32` where neither is native or oneDNN is capped below them)."""
+    import os
+
+    import torch
+
+    aten = torch.backends.cpu.get_cpu_capability().lower()
+    if head_dtype() != torch.bfloat16:
+        units = "fp32"
+    elif torch.cpu._is_amx_tile_supported() and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        units = "amx"
+    else:
+        units = "bf16"
+    return f"{aten}-{units}"
+
+
 def _head_cross_entropy(hidden, head, labels):
     """Mean cross-entropy of `labels` under logits `hidden @ head.T`: the product in the head's dtype
     (bf16 where native, `head_dtype`), the softmax in fp32, as mixed-precision training does on GPUs."""
@@ -191,7 +233,7 @@ def _base_example(rng: random.Random, task: str):
     return image, preamble + find_question(asked), "Yes." if asked == scene.artifact else "No."
 
 
-def train_base(model, processor, settings: TrainSettings, log: Log = print) -> None:
+def train_base(model, processor, settings: TrainSettings, log: Log = print, clock: TrainingClock | None = None) -> None:
     """Phase 1, from scratch: the vision tower and the transformer layers, on the pretraining tasks.
 
     Token embeddings and the output head keep their random initialisation (fixed random codes the
@@ -232,14 +274,18 @@ def train_base(model, processor, settings: TrainSettings, log: Log = print) -> N
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if clock:
+            clock.advance(1)
         if step % 100 == 0 or step == settings.base_steps - 1:
-            log(f"base step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+            log(f"base step {step:4d} of {settings.base_steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s"
+                f"{clock.left() if clock else ''})")
     inner.embed_tokens.weight.requires_grad_(True)
     model.lm_head.weight.requires_grad_(True)
     model.eval()
 
 
-def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings, log: Log = print) -> None:
+def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings, log: Log = print,
+                clock: TrainingClock | None = None) -> None:
     """Phase 2: the LoRA only, on DFJ prompts and gold judge outputs from a DFJ split."""
     import torch
 
@@ -283,8 +329,11 @@ def train_judge(peft_model, processor, split_dir: Path, settings: TrainSettings,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if clock:
+            clock.advance(TrainingClock.JUDGE_STEP)
         if step % 50 == 0 or step == total - 1:
-            log(f"{split.mode} judge step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+            log(f"{split.mode} judge step {step:4d} of {total} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s"
+                f"{clock.left() if clock else ''})")
     peft_model.eval()
 
 
@@ -329,7 +378,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dfj.export.staging import staged_folder
+    from dfj.artifact.staging import staged_folder
     from dfj.hf import quiet_transformers
     from dfj.manifest import Manifest, write_manifest
     from dfj.tiny.model import generation_config, tiny_config, with_lora, write_processor
@@ -340,6 +389,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    clock = TrainingClock(settings)
     with staged_folder(root, overwrite=True) as work, quiet_transformers():
         for (mode, split), (images, per_image) in SPLIT_SHAPE.items():
             build_synthetic_split(work / "splits" / mode / split, mode, images, per_image,
@@ -353,7 +403,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
         model = Qwen2_5_VLForConditionalGeneration(tiny_config()).to(torch.float32)
         model.generation_config = generation_config()
         t0 = time.perf_counter()
-        train_base(model, processor, settings, log)
+        train_base(model, processor, settings, log, clock)
         timings["base_s"] = time.perf_counter() - t0
         model.save_pretrained(base_dir)
 
@@ -362,7 +412,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
             torch.manual_seed(settings.seed + 1)
             peft_model = with_lora(base, settings.lora_rank)
             t0 = time.perf_counter()
-            train_judge(peft_model, processor, work / "splits" / mode / "train", settings, log)
+            train_judge(peft_model, processor, work / "splits" / mode / "train", settings, log, clock)
             timings[f"{mode}_judge_s"] = time.perf_counter() - t0
             adapter = work / f"{mode}-adapter"
             peft_model.save_pretrained(adapter)
@@ -374,13 +424,15 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
                 mode, "adapter", {"kind": "dfj.tiny.training", "version": TRAINED_VERSION, "seed": settings.seed}))
         timings["train_total_s"] = time.perf_counter() - started
         metrics = {"timings": timings, "settings": settings.__dict__,
-                   "machine": {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "machine": {"cpu_class": cpu_class(),
+                               "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                "head_dtype": str(head_dtype()).removeprefix("torch."), "threads": torch.get_num_threads()}}
         for mode in prompts.MODES:
             t0 = time.perf_counter()
             metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test")
             timings[f"{mode}_eval_s"] = time.perf_counter() - t0
-            log(f"{mode}: {metrics[mode]}")
+            clock.advance(TrainingClock.EVALUATION / len(prompts.MODES))
+            log(f"{mode} evaluated{clock.left()}: {metrics[mode]}")
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(root)
 
