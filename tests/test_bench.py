@@ -1,11 +1,9 @@
 """`dfj bench` end to end on the trained tiny pairwise judge: reference base+LoRA, merged fp32 and bf16."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import ctypes
 import json
-import os
 import re
 import signal
 import socket

@@ -365,8 +365,7 @@ def probe_parity(merged: Path, folder: Path, mode: str, limits: PixelLimits, nor
                  memory: int | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Probe logits of the GGUF files (through llama.cpp) against transformers on the merged model, in
     `dtype` (its layers streamed from disk when it is bigger than the probe's memory budget)."""
-    from dfj.artifact.probe import bounded_probe_logits, gguf_probe_logits
-    from dfj.artifact.probe import as_logprobs, compare_logits
+    from dfj.artifact.probe import as_logprobs, bounded_probe_logits, compare_logits, gguf_probe_logits
 
     processor = hf.load_processor(merged)
     processor.image_processor.size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}

@@ -209,7 +209,7 @@ def export_onnx(
 
     `external_data`: keep weights in `<graph>.onnx.data` files (default: only graphs over 1.8 GB).
     """
-    from dfj.artifact.probe import compare_logits, lossless_tolerance
+    from dfj.artifact.probe import compare_logits, lossless_tolerance, onnx_probe_logits
 
     if quant not in QUANTS:
         raise ValueError(f"unknown ONNX quantization {quant!r}: {', '.join(QUANTS)}")

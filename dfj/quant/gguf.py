@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dfj.artifact.probe import compare_logits
+from dfj.artifact.probe import compare_logits, gguf_probe_logits
 from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import write_manifest

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
