@@ -7,34 +7,24 @@ PY=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-# llama.cpp CPU build: "portable" (default: AVX2/FMA/F16C, any x86-64 CPU of the last decade) or
-# "native" (every instruction set of this CPU, e.g. AVX-512: faster prompt prefill, see README
-# "Speed"; such a wheel may die with SIGILL on another CPU, so it is cached under this CPU's flags).
-LLAMA_CPU=${DFJ_LLAMA_CPU:-portable}
+# llama-cpp-python is source-only on PyPI, and its default build targets the build machine's CPU (a
+# wheel that may die with SIGILL on another). dfj builds it once as llama.cpp's own releases are built:
+# the CPU backend as one loadable library per instruction-set level, SSE2 to AVX-512 and AMX
+# (GGML_BACKEND_DL, GGML_CPU_ALL_VARIANTS), installed beside libllama (CMAKE_INSTALL_BINDIR); dfj's
+# llama.cpp runtime loads the best one the running CPU supports. The wheel is kept in the wheel cache
+# (never pip's own cache, which may hold a native build), under a folder named after the build's
+# settings, and every later install takes it from there.
+LLAMA_CPP_VERSION=0.3.36
+WHEELS=${DFJ_WHEEL_CACHE:-$HOME/.cache/dfj/wheels}
+LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
+build=$(echo "$LLAMA_CPP_VERSION $LLAMA_CMAKE" | sha256sum | cut -c1-12)
+LLAMA_WHEELS=$WHEELS/cpu-levels-$build
 stamp=.venv/.dfj-install-stamp
-want=$( (sha256sum pyproject.toml scripts/install.sh; echo "llama.cpp build: $LLAMA_CPU") | sha256sum | cut -d' ' -f1)
+want=$( (sha256sum pyproject.toml scripts/install.sh; echo "llama.cpp build: $build") | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import dfj, torch, transformers" 2>/dev/null; then
     echo "dfj: .venv is up to date"
     exit 0
 fi
-# llama-cpp-python is source-only on PyPI and its default build targets the build machine's CPU (AMX
-# here: quantized models then die with SIGILL on other CPUs). Build one portable wheel (AVX2/FMA/F16C)
-# once (never from pip's own cache, which may hold a native build), keep it in the wheel cache, and
-# let pip take it from there on every later install.
-LLAMA_CPP_VERSION=0.3.36
-WHEELS=${DFJ_WHEEL_CACHE:-$HOME/.cache/dfj/wheels}
-case "$LLAMA_CPU" in
-    portable)
-        LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-        LLAMA_WHEELS=$WHEELS ;;
-    native)
-        LLAMA_CMAKE="-DGGML_NATIVE=ON"
-        cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2> /dev/null || uname -m) | sha256sum | cut -c1-12)
-        LLAMA_WHEELS=$WHEELS/native-$cpu ;;
-    *)
-        echo "dfj: DFJ_LLAMA_CPU must be portable or native, not '$LLAMA_CPU'" >&2
-        exit 1 ;;
-esac
 mkdir -p "$LLAMA_WHEELS"
 # The source package is kept too: its llama.cpp converter (convert_hf_to_gguf.py) is what the tests
 # check dfj's GGUF export against.
@@ -49,8 +39,8 @@ if [ ! -f "$LLAMA_SDIST" ]; then
     fi
 fi
 if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl > /dev/null 2>&1; then
-    echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_CPU CPU build, about 5 minutes on 2 cores, once)"
-    if ! CMAKE_ARGS="$LLAMA_CMAKE" \
+    echo "dfj: building llama-cpp-python $LLAMA_CPP_VERSION with one CPU backend per instruction-set level (once; about 15 minutes on 2 cores)"
+    if ! CMAKE_ARGS="$LLAMA_CMAKE" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         .venv/bin/python -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps \
         "$LLAMA_SDIST" -w "$LLAMA_WHEELS" > .venv/llama-build.log 2>&1; then
         tail -40 .venv/llama-build.log

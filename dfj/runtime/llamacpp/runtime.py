@@ -58,7 +58,7 @@ class LlamaCppRuntime(Runtime):
 
     def __init__(self, folder: Path, limits: PixelLimits, device: str = "cpu", context: int = DEFAULT_CONTEXT,
                  threads: int | None = None, normalizer: str | None = "manifest") -> None:
-        llama_cpp = quiet_llama()
+        llama_cpp = quiet_llama(folder / GGUF_TEXT_FILE)
         self.llama_cpp = llama_cpp
         self.folder, self.limits, self.device = folder, limits, device
         threads = threads or os.cpu_count() or 1
