@@ -68,8 +68,12 @@ def judge_jsonl(
 ) -> BatchSummary:
     """Judge every line of `source` (a split folder or JSONL file) into `out`. Consecutive records of
     one image and label go to the judge as one group (`Judge.judge_many`); only one group's lines are
-    held at a time, whatever the file's size. Absolute image paths are taken inside `image_root` only."""
-    source, out, total, done = prepare_output(source, out, resume, overwrite)
+    held at a time, whatever the file's size. Absolute image paths are taken inside `image_root` only.
+    The judge's run (its provenance, `dfj.provenance`) goes to `out`'s sidecar before any line."""
+    from dfj.provenance import record_run
+
+    source, out, total, done = prepare_output(source, out, resume, overwrite, image_root)
+    record_run(out, judge.run, judge.source, source, continuing=done > 0, image_root=image_root)
     summary = BatchSummary(out=out, lines=total, resumed=done, judged=0, unparsed=0, errors=0)
     with open_output(out, resume, done) as sink:
         for unit in units(source, done, image_root):
@@ -82,10 +86,12 @@ def judge_jsonl(
     return summary
 
 
-def prepare_output(source: str | os.PathLike, out: str | os.PathLike, resume: bool, overwrite: bool) -> tuple[Path, Path, int, int]:
+def prepare_output(source: str | os.PathLike, out: str | os.PathLike, resume: bool, overwrite: bool,
+                   image_root: str | os.PathLike | None = None) -> tuple[Path, Path, int, int]:
     """(input file, output file, input lines, lines already done) after the checks every engine makes:
     the output is not the input, and an existing output is resumed (checked to come from this input)
-    or replaced only when asked."""
+    or replaced only when asked. A resumed file continues at the start of the first unit it does not
+    hold whole: a unit is judged as one group again, so the file is the one an uninterrupted run writes."""
     source = input_jsonl(source)
     out = Path(out)
     if out.resolve() == source.resolve():
@@ -94,7 +100,7 @@ def prepare_output(source: str | os.PathLike, out: str | os.PathLike, resume: bo
     done = 0
     if out.exists():
         if resume:
-            done = _check_finished(out, source)
+            done = _unit_start(source, _check_finished(out, source), image_root)
         elif not overwrite:
             raise FileExistsError(f"{out} already exists (pass --resume to continue it, --force to replace it)")
     return source, out, total, done
@@ -110,6 +116,17 @@ def open_output(out: Path, resume: bool, done: int) -> Iterator[BinaryIO]:
             sink.seek(_finished_bytes(out, done))
             sink.truncate()
         yield sink
+
+
+def _unit_start(source: Path, done: int, image_root: str | os.PathLike | None) -> int:
+    """The lines to keep of `done` finished ones: all of them when line `done` ends a unit, else those
+    before the unit it belongs to."""
+    if done == 0:
+        return 0
+    for unit in units(source, 0, image_root):
+        if unit[-1].number >= done:
+            return done if unit[-1].number == done else unit[0].number - 1
+    return done
 
 
 def units(source: Path, done: int = 0, image_root: str | os.PathLike | None = None) -> Iterator[list["_Line"]]:
@@ -151,9 +168,21 @@ def judge_unit(judge, unit: list["_Line"], *, expected_score: bool = False, swap
     rows = []
     for line in unit:
         if line.record is not None:
-            _add_verdict(line, next(verdicts))
-        rows.append(_dump({**line.original, FIELD: {"line": line.number, **line.result, "error": line.result.get("error")}}))
+            _add_verdict(line, next(verdicts), unit[0].number)
+        rows.append(_dump({**line.original, FIELD: _field(line)}))
     return rows
+
+
+def judged_field(number: int, verdict, unit: int) -> dict[str, Any]:
+    """The `dfj` field `dfj judge --out` writes for line `number` whose record got `verdict` in the
+    unit (one runtime call) that starts at line `unit`."""
+    line = _Line(number, {}, {})
+    _add_verdict(line, verdict, unit)
+    return _field(line)
+
+
+def _field(line: "_Line") -> dict[str, Any]:
+    return {"line": line.number, **line.result, "error": line.result.get("error")}
 
 
 @dataclass
@@ -179,10 +208,15 @@ def _read_line(raw: bytes | None, number: int, root: Path, image_root: str | os.
     return line
 
 
-def _add_verdict(line: _Line, verdict) -> None:
+def _add_verdict(line: _Line, verdict, unit: int) -> None:
     """A failure verdict (the record could not be judged) names the line already; a verdict whose
-    output held no valid verdict keeps its text and says so."""
+    output held no valid verdict keeps its text and says so. Its provenance names its run by id (the
+    sidecar holds the run) and the unit it was judged in (the line that unit starts at): a verdict is
+    reproduced bit for bit by judging the same group again."""
+    from dfj.provenance import file_provenance
+
     fields = verdict.to_dict()
+    fields["provenance"] = file_provenance(fields.get("provenance"), unit)
     if verdict.error and not verdict.text:
         line.result["error"] = verdict.error
         return

@@ -20,7 +20,7 @@ app = typer.Typer(
     rich_markup_mode=None,  # click's plain help: flags show as flags, and logs and pipes read it as it is
 )
 
-COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "probe", "demo")
+COMMANDS = ("judge", "export", "quant", "bench", "info", "serve", "probe", "verify-verdicts", "sign", "keygen", "demo")
 
 
 def flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's own keyword
@@ -76,6 +76,7 @@ def judge(
     actors: int = typer.Option(1, "--actors", help="--engine ray: judges loaded at once (each loads the artifact once)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="--engine ray: CPUs each actor reserves."),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="--engine ray: GPUs each actor reserves (with --device cuda)."),
+    require_signature: Optional[Path] = typer.Option(None, "--require-signature", help="Refuse the artifact unless its dfj.json.sig verifies with this Ed25519 public key (PEM)."),
 ) -> None:
     """Judge one image and response (or pair), or a whole JSONL file with --data/--jsonl and --out."""
     import dfj
@@ -99,11 +100,12 @@ def judge(
             _fail("--engine ray judges files: give --data or --jsonl with --out")
         _judge_on_ray(artifact, batch_input, out, resume, force, expected, swap_check, image_root, address=address, actors=actors,
                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, runtime=runtime, device=device,
-                      dtype=dtype, mode=mode, max_new_tokens=max_new_tokens, pairwise=pairwise)
+                      dtype=dtype, mode=mode, max_new_tokens=max_new_tokens, pairwise=pairwise,
+                      public_key=str(require_signature) if require_signature else None)
         return
     with _reported():
         j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens,
-                           pairwise=pairwise)
+                           pairwise=pairwise, public_key=require_signature)
         if (swap_check and j.mode != "pairwise") or (expected and j.mode != "pointwise"):
             _fail("--swap-check is for pairwise judges, --expected-score for pointwise judges; "
                   f"this is a {j.mode} judge")
@@ -226,6 +228,7 @@ def bench(
         f"{k}={v:g}" for k, v in bench_defaults().items()) + "."),
     report: Path = typer.Option(Path("bench-report"), "--report", help="Report folder (JSON, markdown, PNG, resumable cache)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference decoding limit."),
+    require_signature: Optional[Path] = typer.Option(None, "--require-signature", help="Refuse any artifact (not the reference) unless its dfj.json.sig verifies with this Ed25519 public key (PEM)."),
 ) -> None:
     """Quality, parity and cost of exported judges against a reference; exit 1 if any is out of tolerance."""
     from dfj.bench.report import print_report
@@ -234,6 +237,11 @@ def bench(
 
     with _reported((BenchError, ValueError, FileNotFoundError, ImportError)):
         gate = parse_tolerance(tolerance)
+        if require_signature is not None:  # before anything runs: a gate is never run on an unsigned artifact
+            from dfj.signing import verify_signature
+
+            for artifact in artifacts:
+                verify_signature(artifact, require_signature)
         ref = BenchJudge(reference, "torch", device, reference_dtype or dtype, label="reference")
         judges = [BenchJudge(a, runtime or default_runtime(a), device, dtype) for a in artifacts]
         with bench_progress() as progress:
@@ -252,24 +260,95 @@ def bench(
 def info(
     artifact: Path = typer.Argument(..., help="A dfj artifact folder."),
     verify: bool = flag("--verify", help="Check every file against its recorded sha256."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="With --verify: also check dfj.json's signature (dfj.json.sig) with this Ed25519 public key (PEM)."),
     as_json: bool = flag("--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Show an artifact's manifest; with --verify, check its files."""
+    """Show an artifact's manifest; with --verify, check its files (and, with --public-key, its signature)."""
     from dfj.manifest import ArtifactError, read_manifest, verify as verify_files
     from dfj.console import print_manifest
 
-    with _reported((ArtifactError,)):
+    if public_key is not None and not verify:
+        _fail("--public-key checks a signature: give it with --verify")
+    with _reported((ArtifactError, ImportError)):
         manifest = read_manifest(artifact)
         if manifest is None:
             _fail(f"{artifact}: no dfj.json; not a dfj artifact")
         if verify:
             verify_files(artifact, manifest)
+        signed = None
+        if public_key is not None:
+            from dfj.signing import verify_signature
+
+            signed = verify_signature(artifact, public_key)
     if as_json:
         typer.echo(manifest.to_json())
     else:
         print_manifest(artifact, manifest)
     if verify:
         typer.secho(f"verified: {len(manifest.files)} files match dfj.json", fg=typer.colors.GREEN)
+    if signed is not None:
+        typer.secho(f"verified: dfj.json is signed by {signed['key_id']} ({public_key})", fg=typer.colors.GREEN)
+
+
+@app.command()
+def keygen(
+    key: Path = typer.Argument(..., help="Private key file to write (PEM, readable by you only); the public key goes to KEY.pub."),
+    force: bool = flag("--force", help="Replace existing key files."),
+) -> None:
+    """Make an Ed25519 key pair for signing artifacts (openssl genpkey -algorithm ed25519 works too)."""
+    from dfj.signing import generate_key
+
+    with _reported((FileExistsError, ImportError, OSError)):
+        private, public = generate_key(key, overwrite=force)
+    typer.echo(f"private key: {private} (keep it secret)\npublic key: {public} (give it to whoever verifies)")
+
+
+@app.command()
+def sign(
+    artifact: Path = typer.Argument(..., help="A dfj artifact folder (its files are verified first)."),
+    key: Path = typer.Option(..., "--key", help="Ed25519 private key (PEM)."),
+) -> None:
+    """Sign an artifact: a detached Ed25519 signature of its dfj.json (which pins every file) in dfj.json.sig."""
+    from dfj.manifest import ArtifactError
+    from dfj.signing import sign as sign_artifact
+
+    with _reported((ArtifactError, ImportError, OSError)):
+        path = sign_artifact(artifact, key)
+    typer.echo(f"signed: {path}")
+
+
+@app.command("verify-verdicts")
+def verify_verdicts(
+    results: Path = typer.Argument(..., help="A results file of dfj judge --out (its .provenance.json beside it)."),
+    artifact: str = typer.Option(..., "--artifact", help="The artifact the verdicts say judged them."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Re-judge a random sample of N lines (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the per-line outcome as JSON."),
+    require_signature: Optional[Path] = typer.Option(None, "--require-signature", help="Refuse the artifact unless its dfj.json.sig verifies with this public key."),
+) -> None:
+    """Judge a results file's lines again with the artifact and settings their provenance names; exit 1
+    if any verdict differs or a line cannot be re-judged as it was (changed image, edited line, other artifact)."""
+    from dfj.manifest import ArtifactError
+    from dfj.verify import verify_verdicts as run_verify
+
+    if sample is not None and sample < 1:
+        _fail(f"--sample must be at least 1, not {sample}")
+    with _reported((ArtifactError, ValueError, FileNotFoundError, ImportError, RuntimeError)):
+        result = run_verify(results, artifact, sample=sample, seed=seed, public_key=require_signature)
+    for run, differences in result.runs.items():
+        if differences:
+            typer.secho(f"re-judged under another run than {run[:19]}…: " + "; ".join(differences), fg=typer.colors.YELLOW, err=True)
+    for check in result.checked:
+        if check.outcome != "identical":
+            typer.echo(f"line {check.line}: {check.outcome}" + (f": {check.reason}" if check.reason else ""))
+            if check.outcome == "different":
+                typer.echo(f"  recorded: {json.dumps(check.recorded, ensure_ascii=False)}\n  now:      {json.dumps(check.rejudged, ensure_ascii=False)}")
+    counts = ", ".join(f"{result.count(o)} {o}" for o in ("identical", "different", "refused", "skipped"))
+    typer.echo(f"{results}: {result.lines} lines; {counts}")
+    if report is not None:
+        report.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -288,6 +367,7 @@ def serve(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)."),
     pairwise: str = typer.Option("answer", "--pairwise", help="Pairwise method: answer or generate (see dfj judge)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+    require_signature: Optional[Path] = typer.Option(None, "--require-signature", help="Refuse the artifact unless its dfj.json.sig verifies with this Ed25519 public key (PEM)."),
 ) -> None:
     """Serve one judge over HTTP: /health, /v1/info, /v1/score, /v1/compare (and /batch forms),
     /v1/chat/completions, /metrics. Loopback only unless given an API key."""
@@ -296,7 +376,8 @@ def serve(
     with _reported((ServeError, ImportError)):
         config = ServeConfig(artifact, host=host, port=port, api_key_file=api_key_file, max_queue=max_queue,
                              max_body_mb=max_body_mb, timeout_s=timeout, image_root=image_root, max_batch=max_batch,
-                             runtime=runtime, device=device, dtype=dtype, pairwise=pairwise)  # type: ignore[arg-type]
+                             runtime=runtime, device=device, dtype=dtype, pairwise=pairwise,  # type: ignore[arg-type]
+                             public_key=require_signature)
         config.api_key()  # an unreadable or short key stops the start, before the model loads
         status = run_service(config, log_level=log_level)
     if status:

@@ -9,6 +9,7 @@ llama.cpp see the same pixels.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -45,14 +46,21 @@ def load_image(source: ImageInput) -> Image.Image:
 
     Raises ValueError naming the problem for anything that is not a readable, sane image.
     """
+    return read_image(source)[0]
+
+
+def read_image(source: ImageInput) -> tuple[Image.Image, str]:
+    """`load_image`, and the digest of the image as read: `sha256:<hex>` of the file's bytes (a path or
+    bytes, hashed as decoded: one read), or `pixels-sha256:<hex>` of a PIL image's mode, size and pixels."""
     if isinstance(source, Image.Image):
         image = source
         name = "PIL image"
-    elif isinstance(source, (bytes, bytearray)):
+        digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode() + image.tobytes())
+        return _to_rgb(image, name), "pixels-sha256:" + digest.hexdigest()
+    if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ValueError("image bytes are empty")
-        image = _open(io.BytesIO(bytes(source)), "image bytes")
-        name = "image bytes"
+        data, name = bytes(source), "image bytes"
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -61,12 +69,10 @@ def load_image(source: ImageInput) -> Image.Image:
             raise ValueError(f"image path is not a file: {path}")
         if path.stat().st_size == 0:
             raise ValueError(f"image file is empty: {path}")
-        with open(path, "rb") as handle:
-            image = _open(io.BytesIO(handle.read()), str(path))
-        name = str(path)
+        data, name = path.read_bytes(), str(path)
     else:
         raise ValueError(f"an image must be a path, bytes or a PIL image, not {type(source).__name__}")
-    return _to_rgb(image, name)
+    return _to_rgb(_open(io.BytesIO(data), name), name), "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _open(stream: io.BytesIO, name: str) -> Image.Image:

@@ -7,6 +7,8 @@ a record and never drop one: a record that cannot be judged comes back with `err
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -16,7 +18,8 @@ import numpy as np
 from dfj import prompts
 from dfj.data import PointwiseRecord, record_from_mapping
 from dfj.groups import chunk_groups, group_key
-from dfj.images import PATCH_FACTOR, ImageInput, check_image, fit_to_grid, load_image, smart_resize
+from dfj.images import PATCH_FACTOR, ImageInput, check_image, fit_to_grid, read_image, smart_resize
+from dfj.provenance import text_sha256
 from dfj.manifest import Manifest
 from dfj.parse import parse_pairwise, parse_pointwise
 from dfj.runtime import Runtime
@@ -41,6 +44,8 @@ class Prepared:
     prompt: Prompt
     swapped: Prompt | None = None
     group: tuple[str, str] = ("", "")
+    # The record's part of its verdict's provenance: the image's digest as read, each response's sha256.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +59,9 @@ class Judge:
     # Pairwise verdicts: "answer" forces `<answer>` and reads P(A) vs P(B) in one forward pass (adds
     # `p_a`); "generate" writes the greedy text, as the DFJ reference scripts do.
     pairwise: PairwiseMethod = "answer"
+    # What pins the judge's files (`dfj.provenance.artifact_identity`; load_judge sets it). None: a
+    # judge built by hand, whose verdicts name no artifact.
+    identity: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         prompts.check_mode(self.mode)
@@ -64,6 +72,19 @@ class Judge:
     @property
     def runtime_name(self) -> str:
         return self.runtime.name
+
+    @functools.cached_property
+    def run(self) -> dict[str, Any]:
+        """The part of every verdict's provenance this loaded judge shares (`dfj.provenance`)."""
+        from dfj.provenance import run_provenance
+
+        return run_provenance(self, self.identity or {})
+
+    @functools.cached_property
+    def run_id(self) -> str:
+        from dfj.provenance import run_id
+
+        return run_id(self.run)
 
     @property
     def new_token_limit(self) -> int:
@@ -188,7 +209,7 @@ class Judge:
         verdicts = [out if isinstance(out, Exception) else parse_pointwise(self.runtime.decode(out)) for out in outputs]
         if expected_score:
             self._add_expected_scores(group, verdicts)
-        return verdicts
+        return self._stamped(group, verdicts, {"expected_score": expected_score})
 
     def _add_expected_scores(self, group: list[Prepared], verdicts: list[Any]) -> None:
         todo = []
@@ -226,7 +247,15 @@ class Judge:
             if isinstance(verdict, PairwiseVerdict) and verdict.ok and isinstance(other, PairwiseVerdict) and other.ok:
                 verdict.swapped_choice = "B" if other.choice == "A" else "A"
                 verdict.swap_consistent = verdict.swapped_choice == verdict.choice
-        return verdicts[: len(group)]
+        return [self._stamped([prepared], [verdict], {"swap_check": prepared.swapped is not None})[0]
+                for prepared, verdict in zip(group, verdicts)]
+
+    def _stamped(self, group: list[Prepared], verdicts: list[Any], options: dict[str, bool]) -> list[Any]:
+        """Each verdict with its provenance: this judge's run and the record's part."""
+        for prepared, verdict in zip(group, verdicts):
+            if not isinstance(verdict, Exception):
+                verdict.provenance = {"run_id": self.run_id, "run": self.run, **prepared.provenance, "options": options}
+        return verdicts
 
     def _answer_plan(self) -> tuple[list[int], int, list[int]]:
         plan = self._branch_plan("", list(ANSWER_BRANCHES))
@@ -258,14 +287,16 @@ class Judge:
         prompt = prompts.render(self.mode, label, *responses)
         for name, response in zip(_response_names(self.mode), responses):
             _check_judgeable(name, response)
-        # Resized once here, for every runtime alike (see dfj.images).
-        pil = fit_to_grid(check_image(load_image(image), self.runtime.limits), self.runtime.limits)
+        # Resized once here, for every runtime alike (see dfj.images); the bytes as read are hashed.
+        loaded, image_sha256 = read_image(image)
+        pil = fit_to_grid(check_image(loaded, self.runtime.limits), self.runtime.limits)
         first = self._prompt(pil, prompt, label)
         self._check_context(first)
         swapped = None
         if swap_check and self.mode == "pairwise":
             swapped = self._prompt(pil, prompts.render(self.mode, label, responses[1], responses[0]), label)
-        return Prepared(first, swapped)
+        return Prepared(first, swapped, provenance={"image_sha256": image_sha256,
+                                                    "responses_sha256": [text_sha256(r) for r in responses]})
 
     def _prompt(self, pil, prompt: str, label: str) -> Prompt:
         tokenize = self.runtime.tokenize
@@ -353,6 +384,7 @@ def load_judge(
     max_new_tokens: int | None = None,
     verify: bool = True,
     pairwise: PairwiseMethod = "answer",
+    public_key: str | os.PathLike | None = None,
     **options: Any,
 ) -> Judge:
     """Load a judge from a local folder (merged model, adapter, dfj artifact) or a Hugging Face id.
@@ -361,11 +393,23 @@ def load_judge(
     `pairwise="answer"` (default) reads P(A) vs P(B) after a forced `<answer>` in one forward pass;
     `pairwise="generate"` writes the greedy text, as the DFJ reference scripts do.
     `verify=False` skips the checksum pass over the artifact files (it reads every byte).
+    `public_key` (a PEM file): refuse the artifact unless its `dfj.json.sig` verifies with that key
+    (`dfj.signing`); its files are then checked against the signed `dfj.json`.
     """
     from dfj import runtime as runtimes
+    from dfj.manifest import ArtifactError
+    from dfj.provenance import artifact_identity
     from dfj.sources import resolve
 
+    if public_key is not None and not verify:
+        raise ValueError("public_key vouches for dfj.json, which vouches for the files: it needs verify=True")
     resolved = resolve(source, mode=mode, verify_files=verify)
+    if public_key is not None:
+        from dfj.signing import verify_signature
+
+        if resolved.manifest is None:
+            raise ArtifactError(f"{source} is not a dfj artifact (no dfj.json): there is no signature to check")
+        verify_signature(resolved.path, public_key)
     recorded = (resolved.manifest.prompt_templates if resolved.manifest else {}).get(resolved.mode)
     if recorded and recorded != prompts.template_sha256(resolved.mode):
         warnings.warn(
@@ -377,4 +421,5 @@ def load_judge(
         runtime = runtimes.runtime_for(resolved.manifest)
     backend = runtimes.create(runtime, resolved, device=device, dtype=dtype, **options)
     return Judge(runtime=backend, mode=resolved.mode, source=resolved.name, manifest=resolved.manifest,
-                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind}, pairwise=pairwise)
+                 max_new_tokens=max_new_tokens, info={"kind": resolved.kind}, pairwise=pairwise,
+                 identity=artifact_identity(resolved))

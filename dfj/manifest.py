@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "dfj.json"
+# A detached signature of the manifest (`dfj sign`): it vouches for dfj.json, which pins every other file.
+SIGNATURE_NAME = "dfj.json.sig"
+UNHASHED = (MANIFEST_NAME, SIGNATURE_NAME)  # the two files dfj.json cannot list
 SCHEMA_VERSION = 1
 
 
@@ -77,13 +80,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def hash_folder(folder: Path) -> dict[str, str]:
-    """sha256 of every regular file below `folder` except the manifest, by POSIX relative path."""
+    """sha256 of every regular file below `folder` except the manifest and its signature, by POSIX
+    relative path."""
     folder = Path(folder)
     hashes: dict[str, str] = {}
     for path in sorted(folder.rglob("*")):
         if path.is_symlink():
             raise ArtifactError(f"{path}: symbolic links are not allowed in an artifact")
-        if path.is_file() and path.name != MANIFEST_NAME:
+        if path.is_file() and path.name not in UNHASHED:
             hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
     return hashes
 
@@ -133,7 +137,7 @@ def verify(folder: str | os.PathLike, manifest: Manifest | None = None) -> Manif
     # A file added after export (a planted weight shard or module) is tampering too.
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if (path.is_file() or path.is_symlink()) and name != MANIFEST_NAME and name not in manifest.files:
+        if (path.is_file() or path.is_symlink()) and name not in UNHASHED and name not in manifest.files:
             raise ArtifactError(f"{folder}: file {name} is not listed in {MANIFEST_NAME} (added after export)")
     return manifest
 

@@ -25,6 +25,7 @@ class PointwiseVerdict(_VerdictMixin):
     error: str | None = None
     # Σ p(s)·s over the five score tokens at the score position (renormalised): a continuous score.
     expected_score: float | None = None
+    provenance: dict[str, Any] | None = None  # dfj.provenance: which judge, input and settings gave it
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PairwiseVerdict(_VerdictMixin):
     # to the original letters, and whether the two orders agree.
     swapped_choice: Literal["A", "B"] | None = None
     swap_consistent: bool | None = None
+    provenance: dict[str, Any] | None = None  # dfj.provenance: which judge, input and settings gave it
 
 
 Verdict = PointwiseVerdict | PairwiseVerdict

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from dfj.batch import judge_jsonl
+from dfj.provenance import sidecar_path
 from kill_points import kill_env
 
 NEW_TOKENS = 6
@@ -71,6 +72,9 @@ def test_resume_after_a_torn_line_gives_the_same_file(batch_input, uninterrupted
     partial = tmp_path / "results.jsonl"
     partial.write_bytes(b"".join(lines[:12]) + lines[12][: len(lines[12]) // 2])  # killed mid-write
     judge = judges(tiny("pointwise"), max_new_tokens=NEW_TOKENS)
+    with pytest.raises(ValueError, match="provenance.json: not found"):  # a file without its runs is not continued
+        judge_jsonl(judge, batch_input, partial, resume=True)
+    shutil.copy(sidecar_path(uninterrupted[0]), sidecar_path(partial))
     summary = judge_jsonl(judge, batch_input, partial, resume=True)
     assert summary.resumed == 12 and summary.judged + summary.unparsed + summary.errors == 21
     assert partial.read_bytes() == full
@@ -94,11 +98,15 @@ def test_cli_killed_then_resumed_matches_an_uninterrupted_run(batch_input, unint
     # SIGKILLed by itself once 5 lines are written: a kill mid-run on any machine, however fast.
     killed = subprocess.run(command, env=kill_env("lines:5"), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    done = out.read_bytes().count(b"\n")
-    assert done == 5
+    assert out.read_bytes().count(b"\n") == 5
     rerun = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{done} done by an earlier run" in rerun.stdout
+    # It continues at the start of the unit line 6 belongs to, and judges that unit whole again: the
+    # file is the uninterrupted run's, provenance (each line's unit) included.
+    kept = int(rerun.stdout.split(" done by an earlier run")[0].rsplit(" ", 1)[-1]) if "done by an earlier run" in rerun.stdout else 0
+    units = [json.loads(line)["dfj"]["provenance"]["unit"] for line in uninterrupted[0].read_bytes().splitlines()
+             if json.loads(line)["dfj"].get("provenance")]
+    assert kept <= 5 and (kept == 5 or kept + 1 in units)
     assert out.read_bytes() == uninterrupted[0].read_bytes()
 
 

@@ -23,7 +23,6 @@ takes its actors with it; `--resume` checks the lines written and continues afte
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,24 +31,9 @@ from typing import Any
 from dfj.batch import BatchSummary, Progress, judge_unit, open_output, prepare_output, read_unit, units
 from dfj.distributed.spec import JudgeLoad, RaySpec
 from dfj.manifest import ArtifactError
+from dfj.provenance import artifact_fingerprint, record_run
 
 INSTALL_HINT = "--engine ray needs the ray extra: pip install 'dfj[ray]'"
-
-
-def artifact_fingerprint(artifact: str | os.PathLike, mode: str | None = None) -> str:
-    """The artifact's identity: the sha256 of its manifest (whose file checksums every load verifies),
-    or, for a folder without one, of every file's sha256; an adapter's base counts too."""
-    from dfj.manifest import MANIFEST_NAME, hash_folder, sha256_file
-    from dfj.sources import resolve
-
-    source = resolve(artifact, mode=mode, verify_files=False)
-    parts = {}
-    for role, folder in (("judge", source.path), ("base", source.base)):
-        if folder is None:
-            continue
-        manifest = Path(folder) / MANIFEST_NAME
-        parts[role] = sha256_file(manifest) if manifest.is_file() else hash_folder(Path(folder))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 class UnitJudge:
@@ -70,7 +54,7 @@ class UnitJudge:
         self.options = {"expected_score": expected_score, "swap_check": swap_check}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        result: dict[str, list] = {"first": [], "lines": [], "out": [], "judged": [], "unparsed": [], "errors": []}
+        result: dict[str, list] = {"first": [], "lines": [], "out": [], "judged": [], "unparsed": [], "errors": [], "run": []}
         for first, offset, count in zip(batch["first"], batch["offset"], batch["count"]):
             lines = read_unit(self.source, int(offset), int(first), int(count), self.image_root)
             rows = judge_unit(self.judge, lines, **self.options)
@@ -78,7 +62,8 @@ class UnitJudge:
             for line in lines:
                 tally.count(line)
             for key, value in (("first", int(first)), ("lines", len(lines)), ("out", b"".join(rows)),
-                               ("judged", tally.judged), ("unparsed", tally.unparsed), ("errors", tally.errors)):
+                               ("judged", tally.judged), ("unparsed", tally.unparsed), ("errors", tally.errors),
+                               ("run", json.dumps(self.judge.run, sort_keys=True))):
                 result[key].append(value)
         return result
 
@@ -93,7 +78,7 @@ def judge(load: JudgeLoad, source: str | os.PathLike, out: str | os.PathLike, *,
     except ImportError as exc:
         raise ImportError(f"{INSTALL_HINT} ({exc})") from None
     load.check(engine)
-    source, out, total, done = prepare_output(source, out, resume, overwrite)
+    source, out, total, done = prepare_output(source, out, resume, overwrite, image_root)
     if Path(load.artifact).exists():  # an absolute path: workers do not share the driver's working folder
         load = dataclasses.replace(load, artifact=str(Path(load.artifact).resolve()))
     fingerprint = artifact_fingerprint(load.artifact, load.mode)
@@ -116,9 +101,14 @@ def judge(load: JudgeLoad, source: str | os.PathLike, out: str | os.PathLike, *,
                                        "expected_score": expected_score, "swap_check": swap_check,
                                        "image_root": str(Path(image_root).resolve()) if image_root else None})
             expected = done + 1
+            recorded: set[str] = set()
             for row in dataset.iter_rows():
                 if int(row["first"]) != expected:  # Ray Data promised order; a gap or repeat is a bug, not output
                     raise RuntimeError(f"unit starting at line {row['first']} arrived where line {expected} was due")
+                if row["run"] not in recorded:  # an actor's run goes to the sidecar before the lines it judged
+                    record_run(out, json.loads(row["run"]), load.artifact, source, continuing=done > 0 or bool(recorded),
+                               image_root=image_root)
+                    recorded.add(row["run"])
                 sink.write(row["out"])
                 sink.flush()
                 expected += int(row["lines"])

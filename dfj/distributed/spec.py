@@ -35,6 +35,7 @@ class JudgeLoad:
     mode: str | None = None
     max_new_tokens: int | None = None
     pairwise: PairwiseMethod = "answer"
+    public_key: str | None = None  # every actor refuses the artifact unless its signature verifies with it
 
     def __post_init__(self) -> None:
         if self.pairwise not in PAIRWISE_METHODS:

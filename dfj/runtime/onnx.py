@@ -300,4 +300,7 @@ class OnnxRuntime(Runtime):
     def describe(self) -> dict[str, Any]:
         providers = self.sessions["decoder"].get_providers()
         quant = self.info.get("quantization", {})
-        return {"runtime": self.name, "device": self.device, "providers": providers, "quantization": quant}
+        import onnxruntime
+
+        return {"runtime": self.name, "device": self.device, "providers": providers, "quantization": quant,
+                "onnxruntime": onnxruntime.__version__}

@@ -131,8 +131,15 @@ class TorchRuntime(Runtime):
         return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype),
-                "packed_linears": self.packed}
+        import torch
+
+        from dfj.version import package_version
+
+        described = {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype),
+                     "packed_linears": self.packed, "torch": torch.__version__, "transformers": package_version("transformers")}
+        if self.device == "cpu":  # the kernels that decide the arithmetic (thread count is left out: docs/provenance.md)
+            described["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
+        return described
 
 
 def _pack(model, source: Source, device: str, wanted: bool | None) -> int:

@@ -27,6 +27,10 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
 
     try:  # what the artifact is, checked before the port opens (its checksums are checked while it loads)
         resolve(config.artifact, verify_files=False)
+        if config.public_key is not None:  # a signature that fails stops the start
+            from dfj.signing import verify_signature
+
+            verify_signature(config.artifact, config.public_key)
     except (ValueError, OSError) as exc:
         raise ServeError(str(exc)) from None
     failed: list[str] = []
@@ -34,7 +38,7 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
 
     def load():
         return dfj.load_judge(config.artifact, runtime=config.runtime, device=config.device, dtype=config.dtype,
-                              pairwise=config.pairwise, verify=config.verify)
+                              pairwise=config.pairwise, verify=config.verify, public_key=config.public_key)
 
     def on_load_failed(message: str) -> None:
         failed.append(message)

@@ -32,6 +32,7 @@ class ServeConfig:
     dtype: str | None = None
     pairwise: PairwiseMethod = "answer"
     verify: bool = True  # checksum every artifact file before serving
+    public_key: Path | None = None  # refuse to serve unless the artifact's dfj.json.sig verifies with it
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
