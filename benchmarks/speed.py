@@ -92,21 +92,23 @@ def _reference(judge, split: Path, mode: str, new_tokens: int) -> tuple[list[Any
     return verdicts, seconds
 
 
-def _command(source: str, split: Path, out: Path, mode: str, new_tokens: int) -> dict[str, Any]:
+def _command(source: str, split: Path, out: Path, mode: str, new_tokens: int, **options: Any) -> dict[str, Any]:
     """`dfj judge SOURCE --data SPLIT --out OUT`: the library calls the command makes, timed."""
     import dfj
     from dfj.batch import judge_jsonl
 
     started = time.perf_counter()
-    judge = dfj.load_judge(source, mode=mode, max_new_tokens=new_tokens)
+    judge = dfj.load_judge(source, mode=mode, max_new_tokens=new_tokens, **options)
     load_s = time.perf_counter() - started
     started = time.perf_counter()
     summary = judge_jsonl(judge, split, out, overwrite=True)
     total = time.perf_counter() - started
     rows = [json.loads(line)["dfj"] for line in out.read_text(encoding="utf-8").splitlines()]
     stages = getattr(judge.runtime, "seconds", None)
+    described = judge.runtime.describe()
     judge.runtime.close()
-    return {"runtime": judge.runtime.name, "load_s": load_s, "total_s": total, "per_verdict_s": total / summary.lines,
+    return {"runtime": judge.runtime.name, "kernels": described.get("llama_cpu_level") or described.get("cpu_kernels"),
+            "load_s": load_s, "total_s": total, "per_verdict_s": total / summary.lines,
             "split_s": {k: v / summary.lines for k, v in stages.items()} if stages else None, "rows": rows}
 
 
@@ -130,6 +132,11 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
     torch_row = _command(str(judge_dir), split, folder / f"out-{mode}-torch.jsonl", mode, new_tokens)
     rows = [{"artifact": "torch (merged fp32, packed linears)", **_summary(torch_row, ref_total, reference, torch_row, mode)}]
     for quant in artifacts:
+        if quant == "torch-bf16":  # the fp32 judge with its vision tower and head in bf16 (TorchOptions.bf16)
+            row = _command(str(judge_dir), split, folder / f"out-{mode}-torch-bf16.jsonl", mode, new_tokens,
+                           bf16=("vision", "head"))
+            rows.append({"artifact": "torch (fp32, vision and head in bf16)", **_summary(row, ref_total, reference, torch_row, mode)})
+            continue
         out = _exported(judge_dir, mode, quant)
         row = _command(str(out), split, folder / f"out-{mode}-{quant}.jsonl", mode, new_tokens)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -146,7 +153,7 @@ def run(mode: str, folder: Path, text_layers: int, vision_layers: int, new_token
 
 def _summary(row: dict[str, Any], ref_total: float, reference: list[Any], torch_row: dict[str, Any], mode: str) -> dict[str, Any]:
     n = len(reference)
-    out = {k: row[k] for k in ("runtime", "load_s", "per_verdict_s", "split_s")}
+    out = {k: row[k] for k in ("runtime", "kernels", "load_s", "per_verdict_s", "split_s")}
     out["speedup_vs_reference"] = ref_total / row["total_s"]
     if mode == "pointwise":
         out["same_text_as_reference"] = sum(r["text"] == v.text for r, v in zip(row["rows"], reference)) / n
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=96, help="decode cap for both paths (pointwise)")
     parser.add_argument("--work", type=Path, default=None, help="where the bench judge is built (default: dfj cache)")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--artifacts", nargs="*", default=[], help="--quant formats to time too (e.g. gguf-q8_0)")
+    parser.add_argument("--artifacts", nargs="*", default=[],
+                        help="--quant formats to time too (e.g. gguf-q8_0), and torch-bf16 (vision and head in bf16)")
     args = parser.parse_args(argv)
     from dfj.tiny import default_cache
 

@@ -230,3 +230,37 @@ def test_a_processor_is_read_once_per_content_and_each_caller_gets_its_own_image
     template = changed / "chat_template.jinja"
     template.write_text(template.read_text() + "\n")
     assert hf.load_processor(changed).tokenizer is not first.tokenizer
+
+
+@pytest.mark.slow
+def test_bf16_parts_stay_inside_the_bench_gates_and_are_refused_where_they_would_be_slower(merged, monkeypatch):
+    """TorchOptions.bf16: the vision tower and the head in bfloat16 (lossy): the image embeddings and
+    the logits stay within the bench's vision and KL gates on the tiny judge; on a CPU without native
+    bf16 products the option is refused, saying why."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import dfj
+    from dfj.tolerances import BENCH
+
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        with pytest.raises(ValueError, match="multiplies bf16 only by emulation"):
+            dfj.load_judge(str(merged("pairwise")), bf16=("vision", "head"))
+        return
+    image = Image.new("RGB", (112, 84), (200, 30, 60))
+    exact = dfj.load_judge(str(merged("pairwise")))
+    fast = dfj.load_judge(str(merged("pairwise")), bf16=("vision", "head"))
+    assert fast.runtime.describe()["bf16_parts"] == ["vision", "head"] and fast.runtime.describe()["dtype"] == "torch.float32"
+    a, b = (j.runtime.embed_images([j.prompt(image, "fake", "a", "b")])[0] for j in (exact, fast))
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert 0 < 1 - cosine.mean() < BENCH.vision_cos
+    la, lb = (j.logprobs(image, "fake", "a", "b", continuation="<answer>A</answer>") for j in (exact, fast))
+    kl = (np.exp(la.astype(np.float64)) * (la - lb)).sum(1)
+    assert 0 < kl.mean() < BENCH.kld
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(ValueError, match="multiplies bf16 only by emulation"):
+        dfj.load_judge(str(merged("pairwise")), bf16=("vision",))
+    with pytest.raises(ValueError, match="bf16 takes parts vision, head"):
+        dfj.load_judge(str(merged("pairwise")), bf16=("text",))

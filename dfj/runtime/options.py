@@ -10,6 +10,9 @@ from typing import Any, Literal, Mapping, TypeVar, get_args
 
 from dfj.images import PixelLimits
 
+# Parts of a float32 judge the torch runtime may run in bfloat16 on a CPU that multiplies bf16 natively.
+Bf16Part = Literal["vision", "head"]
+
 # The Unicode normalisation llama.cpp's tokenizer lacks and the runtime applies: "manifest" reads the
 # source tokenizer's from the artifact (Qwen2.5: NFC); None applies none.
 Normalizer = Literal["manifest", "NFC", "NFKC", "NFD", "NFKD"]
@@ -42,11 +45,17 @@ class TorchOptions(RuntimeOptions):
     # merged float32/bfloat16 judge on CPU and leaves anything else as loaded; True insists (an error
     # where it cannot); False keeps plain `torch.nn.Linear` (transformers exactly as loaded).
     pack_weights: bool | None = None
+    # Parts run in bfloat16 (lossy; docs/formats.md "bf16 parts"): "vision" (the vision tower and
+    # merger) and "head" (the output projection). Only on a CPU with native bf16 products (AMX or
+    # AVX512_BF16), for a float32 judge; the default, (), is lossless.
+    bf16: tuple[Bf16Part, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pack_weights is not None and not isinstance(self.pack_weights, bool):
             raise ValueError(f"pack_weights must be True, False or None, not {self.pack_weights!r}")
+        if isinstance(self.bf16, str) or not all(part in get_args(Bf16Part) for part in self.bf16):
+            raise ValueError(f"bf16 takes parts {', '.join(get_args(Bf16Part))} (a tuple), not {self.bf16!r}")
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ from dfj.sources import Source
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, model, processor, device: str, limits: PixelLimits, packed: int = 0) -> None:
+    def __init__(self, model, processor, device: str, limits: PixelLimits, packed: int = 0,
+                 bf16: tuple[str, ...] = ()) -> None:
         self.model = model
         self.packed = packed  # linear layers packed for oneDNN (dfj.runtime.torch_packed)
+        self.bf16 = bf16  # parts run in bfloat16 (TorchOptions.bf16)
         self.processor = processor
         self.device = device
         self.limits = limits
@@ -40,7 +42,7 @@ class TorchRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Source, device: str = "cpu", dtype: str | None = None, **options: Any) -> "TorchRuntime":
-        """Options: `dfj.runtime.options.TorchOptions` (`limits`, `pack_weights`)."""
+        """Options: `dfj.runtime.options.TorchOptions` (`limits`, `pack_weights`, `bf16`)."""
         from dfj.runtime.options import TorchOptions
 
         opts = TorchOptions.parse("torch", options)
@@ -59,7 +61,8 @@ class TorchRuntime(Runtime):
                 processor_dir = source.path
             processor = hf.load_processor(processor_dir)
         limits = limits or source.limits
-        return cls(model, processor, device, limits, packed=_pack(model, source, device, opts.pack_weights))
+        _bf16_parts(model, device, opts.bf16)
+        return cls(model, processor, device, limits, packed=_pack(model, source, device, opts.pack_weights), bf16=opts.bf16)
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode_ids(self, image: Image.Image, ids) -> dict[str, torch.Tensor]:
@@ -135,11 +138,46 @@ class TorchRuntime(Runtime):
 
         from dfj.version import package_version
 
-        described = {"runtime": self.name, "device": self.device, "dtype": str(next(self.model.parameters()).dtype),
+        described = {"runtime": self.name, "device": self.device, "dtype": str(self.model.get_input_embeddings().weight.dtype),
                      "packed_linears": self.packed, "torch": torch.__version__, "transformers": package_version("transformers")}
+        if self.bf16:
+            described["bf16_parts"] = list(self.bf16)
         if self.device == "cpu":  # the kernels that decide the arithmetic (thread count is left out: docs/provenance.md)
             described["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
         return described
+
+
+class Bf16Head(torch.nn.Module):
+    """The output projection of a float32 model in bfloat16: hidden states cast down, logits back up."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      dtype=torch.bfloat16)
+        with torch.no_grad():
+            self.linear.weight.copy_(linear.weight)  # a copy: a tied embedding stays float32
+            if linear.bias is not None:
+                self.linear.bias.copy_(linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(torch.bfloat16)).float()
+
+
+def _bf16_parts(model, device: str, parts: tuple[str, ...]) -> None:
+    """Run `parts` of a float32 model in bfloat16 (TorchOptions.bf16), or say why not."""
+    if not parts:
+        return
+    if device != "cpu":
+        raise ValueError(f"bf16 parts are for the CPU runtime; on {device} the whole judge runs in bf16 (dtype)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("bf16 parts are for a float32 judge")
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        raise ValueError("this CPU multiplies bf16 only by emulation (no AMX, no AVX512_BF16): bf16 parts would be "
+                         "slower than float32, not faster")
+    if "vision" in parts:
+        model.model.visual.to(torch.bfloat16)  # its patch embedding casts the pixels to its own dtype
+    if "head" in parts:
+        model.lm_head = Bf16Head(model.lm_head)
 
 
 def _pack(model, source: Source, device: str, wanted: bool | None) -> int:
