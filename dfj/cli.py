@@ -290,8 +290,25 @@ def info(
         print_manifest(artifact, manifest)
     if verify:
         typer.secho(f"verified: {len(manifest.files)} files match dfj.json", fg=typer.colors.GREEN)
+    if manifest.format == "gguf" and not as_json:
+        _print_llama_level(artifact)
     if signed is not None:
         typer.secho(f"verified: dfj.json is signed by {signed['key_id']} ({public_key})", fg=typer.colors.GREEN)
+
+
+def _print_llama_level(artifact: Path) -> None:
+    """Which of llama.cpp's CPU levels runs this GGUF artifact on this machine (docs/formats.md)."""
+    try:
+        from dfj.layout import GGUF_TEXT_FILE
+        from dfj.runtime.llamacpp.library import cpu_backend, quiet_llama
+
+        quiet_llama(Path(artifact) / GGUF_TEXT_FILE)
+        described = cpu_backend().describe()
+    except (ImportError, RuntimeError) as exc:
+        typer.echo(f"llama.cpp on this machine: not available ({exc})")
+        return
+    typer.echo(f"llama.cpp on this machine: CPU level {described['llama_cpu_level']} ({described['llama_cpu_chosen_by']}); "
+               f"uses {', '.join(described['llama_cpu_features'])}")
 
 
 @app.command()

@@ -17,7 +17,7 @@ LIMIT = 12
 VISION_RECORDS = 40  # 4 images, 10 pairs each
 
 REPORT_KEYS = {"schema", "created", "data", "tolerance", "reference", "artifacts", "passed"}
-JUDGE_KEYS = {"name", "source", "runtime", "device", "dtype", "format", "quant", "error", "quality", "cost"}
+JUDGE_KEYS = {"name", "source", "runtime", "device", "dtype", "format", "quant", "error", "quality", "cost", "runtime_info"}
 ARTIFACT_KEYS = JUDGE_KEYS | {"agreement", "parity", "vision", "delta", "failures", "passed"}
 VISION_KEYS = {"images", "cos_min", "cos_mean", "rel_l2_max", "rel_l2_mean", "errors"}
 COST_KEYS = {"import_s", "load_s", "latency_p50_s", "latency_p95_s", "records_per_s", "peak_rss_mb", "size_bytes"}
@@ -71,8 +71,10 @@ def test_report_schema_markdown_and_figure(first_run):
     _, folder, report = first_run
     assert set(report) == REPORT_KEYS and report["schema"] == "dfj-bench/1"
     assert set(report["reference"]) == JUDGE_KEYS and set(report["reference"]["cost"]) == COST_KEYS
+    assert report["reference"]["runtime_info"]["runtime"] == "torch"
     for entry in report["artifacts"]:
         assert set(entry) == ARTIFACT_KEYS and set(entry["parity"]) == PARITY_KEYS and set(entry["vision"]) == VISION_KEYS
+        assert entry["runtime_info"]["torch"] and entry["runtime_info"]["dtype"] in ("torch.float32", "torch.bfloat16")
         assert entry["parity"]["tokens"] >= LIMIT * 3  # `<answer>X</answer>` is several tokens per record
         assert entry["cost"]["peak_rss_mb"] > 100 and entry["cost"]["latency_p50_s"] > 0
     assert set(report["data"]) == {"path", "sha256", "mode", "records", "unreadable_lines", "gold", "published"}

@@ -83,3 +83,12 @@ def test_a_level_the_cpu_cannot_run_or_the_wheel_lacks_is_refused_by_name(q8, tm
                           env={**os.environ, "DFJ_CACHE": str(tmp_path), "DFJ_LLAMA_CPU": "pentium4"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "DFJ_LLAMA_CPU=pentium4: this llama.cpp carries the CPU levels" in done.stderr
+
+
+def test_dfj_info_names_the_level_that_runs_a_gguf_artifact_here(q8):
+    from typer.testing import CliRunner
+
+    from dfj.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(q8)])
+    assert result.exit_code == 0 and "llama.cpp on this machine: CPU level " in result.output, result.output

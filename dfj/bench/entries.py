@@ -35,6 +35,9 @@ class JudgeEntry:
     error: str | None  # why the judge could not be judged or described, else None
     quality: dict[str, Any] | None  # dfj.bench.metrics, None without gold labels
     cost: Cost
+    # What the runtime said of itself (versions, dtype, CPU kernels or llama.cpp's CPU level), as every
+    # verdict's provenance records it; None where no verdict was given.
+    runtime_info: dict[str, Any] | None = None
 
 
 @dataclass

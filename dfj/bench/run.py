@@ -286,9 +286,11 @@ def _judge_entry(kind: type[JudgeEntry], judge: BenchJudge, described: Described
         latency_p95_s=float(np.percentile(latencies, 95)) if latencies.size else None,
         records_per_s=float(latencies.size / latencies.sum()) if latencies.size and latencies.sum() > 0 else None,
         peak_rss_mb=stats.get("peak_rss_mb"), size_bytes=described.size_bytes)
+    provenance = next((r["verdict"].get("provenance") for r in rows if r["verdict"].get("provenance")), None)
     return kind(name=judge.name(), source=judge.source, runtime=judge.runtime, device=judge.device, dtype=judge.dtype,
                 format=described.format, quant=described.quant, error=described.error or run["error"],
-                quality=_quality(mode, predictions, gold, has_gold) if len(rows) == len(gold) else None, cost=cost)
+                quality=_quality(mode, predictions, gold, has_gold) if len(rows) == len(gold) else None, cost=cost,
+                runtime_info=provenance["run"]["runtime"] if provenance else None)
 
 
 def _artifact_entry(judge: BenchJudge, described: Described, run: dict[str, Any], ref_rows: dict, reference_quality: dict | None,
