@@ -228,7 +228,7 @@ def bench(
     device: str = typer.Option("cpu", help="cpu or cuda, for every judge."),
     dtype: Optional[str] = typer.Option(None, help="Artifacts' compute dtype (default: fp32 on CPU, bf16 on CUDA)."),
     reference_dtype: Optional[str] = typer.Option(None, help="Reference compute dtype (default: as --dtype)."),
-    tolerance: Optional[str] = typer.Option(None, help="Gate over the defaults (dfj.tolerances): " + ",".join(
+    tolerance: Optional[str] = typer.Option(None, help="Gate over the defaults (dfj.tolerances): " + ", ".join(
         f"{k}={v:g}" for k, v in bench_defaults().items()) + "."),
     report: Path = typer.Option(Path("bench-report"), "--report", help="Report folder (JSON, markdown, PNG, resumable cache)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference decoding limit."),

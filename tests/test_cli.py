@@ -54,9 +54,12 @@ def test_export_info_and_judge_end_to_end(tiny, tiny_split, tmp_path):
     result = runner.invoke(app, ["judge", str(out), *args, "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert set(payload) == {"mode", "score", "reasoning", "text", "error", "expected_score"} and payload["mode"] == "pointwise"
-    reference = runner.invoke(app, ["judge", str(tiny("pointwise", adapter=True)), *args, "--json"])
-    assert json.loads(reference.output) == payload  # the merged artifact judges as base+adapter does
+    assert set(payload) == {"mode", "score", "reasoning", "text", "error", "expected_score", "provenance"}
+    assert payload["mode"] == "pointwise" and payload["provenance"]["run"]["artifact"]["mode"] == "pointwise"
+    reference = json.loads(runner.invoke(app, ["judge", str(tiny("pointwise", adapter=True)), *args, "--json"]).output)
+    # The merged artifact judges as base+adapter does; each verdict names its own judge.
+    assert reference.pop("provenance")["run"]["artifact"]["format"] == "adapter"
+    assert reference == {k: v for k, v in payload.items() if k != "provenance"}
     result = runner.invoke(app, ["judge", str(out), *args, "--response-b", "x"])
     assert result.exit_code == 2 and "pointwise judge" in result.output
     result = runner.invoke(app, ["judge", str(out), *args[:2], "--label", "unsure", "--response", "x"])

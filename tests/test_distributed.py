@@ -100,11 +100,12 @@ def _lines(path: Path) -> int:
 
 
 class GatedUnitJudge:
-    """The map workers' class with a gate: an actor judges its first unit, then waits for the gate file
-    before each later one. The run cannot end before the test opens the gate, however fast the
-    machine, so an actor is killed mid-run. Sent to the actors by value (its module is not on their path)."""
+    """The map workers' class with a gate: an actor judges its first unit, then, before each later one,
+    says it waits (a file named after its process) and waits for the gate file. The run cannot end before
+    the test opens the gate, however fast the machine, so an actor is killed mid-run. Sent to the actors by
+    value (its module is not on their path)."""
 
-    gate = ""  # the gate file, set before the run
+    gate = ""  # the gate file, set before the run; actors waiting at it write GATE.waiting-PID
 
     def __init__(self, *args, **kwargs) -> None:
         from dfj.distributed.raydata import UnitJudge
@@ -116,6 +117,7 @@ class GatedUnitJudge:
         import time as clock
 
         if self.units:
+            open(f"{self.gate}.waiting-{os.getpid()}", "w").close()
             while not os.path.exists(self.gate):
                 clock.sleep(0.01)
         self.units += 1
@@ -144,12 +146,13 @@ def test_an_actor_killed_mid_run_loses_no_line_and_writes_none_twice(cluster, ru
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        deadline = time.monotonic() + 300  # two actors load and judge one unit each, then wait at the gate
-        while (_lines(out) == 0 or len(_actor_pids()) < 2) and thread.is_alive() and time.monotonic() < deadline:
+        # Both actors load and judge a unit each, then wait at the gate: the run is certainly mid-run.
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("open.waiting-*"))) < 2 and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        before = _actor_pids()
-        assert len(before) == 2 and 0 < _lines(out) < local.count(b"\n"), (before, _lines(out), outcome)
-        victim = min(before)
+        waiting = {int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("open.waiting-*")}
+        assert len(waiting) == 2 and waiting == _actor_pids() and _lines(out) < local.count(b"\n"), (waiting, outcome)
+        victim = min(waiting)
         os.kill(victim, signal.SIGKILL)
     finally:
         Path(GatedUnitJudge.gate).touch()

@@ -56,7 +56,7 @@ def _readme_commands() -> tuple[set[str], set[str]]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     # What a user would type: code blocks and inline code, not prose.
     code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL) + re.findall(r"`([^`\n]+)`", text))
-    dfj = {m.group(1) for m in re.finditer(r"(?:^|[\s/])dfj ((?:probe )?[a-z]+)", code)}
+    dfj = {m.group(1) for m in re.finditer(r"(?:^|[\s/])dfj ((?:probe )?[a-z][a-z-]*)", code)}
     modules = set(re.findall(r"python -m ([\w.|]+)", code)) - {"pytest"}
     for alternatives in [m for m in modules if "|" in m]:
         base, _, rest = alternatives.rpartition(".")

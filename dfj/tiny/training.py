@@ -432,7 +432,7 @@ def build_trained_judges(root: str | Path, settings: TrainSettings | None = None
             metrics[mode] = evaluate(work / f"{mode}-adapter", work / "splits" / mode / "test")
             timings[f"{mode}_eval_s"] = time.perf_counter() - t0
             clock.advance(TrainingClock.EVALUATION / len(prompts.MODES))
-            log(f"{mode} evaluated{clock.left()}: {metrics[mode]}")
+            log(f"{mode} evaluated{clock.left()}: {metrics[mode]['with_image']}")
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(root)
 
