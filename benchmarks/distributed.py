@@ -13,13 +13,14 @@ to be the local one, byte for byte.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from benchmarks.report import emit
 
 
 def _timed_run(write: Callable[[], Any], out: Path, total: int) -> dict[str, float]:
@@ -42,9 +43,9 @@ def _timed_run(write: Callable[[], Any], out: Path, total: int) -> dict[str, flo
     end = time.perf_counter()
     done.set()
     lines = out.read_bytes().count(b"\n")
-    steady = (lines - lines / 4) / (end - quarter[0]) if quarter and end > quarter[0] else float("nan")
+    steady = (lines - lines / 4) / (end - quarter[0]) if quarter and end > quarter[0] else None  # nothing to measure
     return {"seconds": round(end - start, 2), "records_per_s": round(lines / (end - start), 3),
-            "last_three_quarters_records_per_s": round(steady, 3)}
+            "last_three_quarters_records_per_s": None if steady is None else round(steady, 3)}
 
 
 def run(mode: str, records: int, actor_counts: list[int], work: Path) -> dict[str, Any]:
@@ -93,10 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     result = run(args.mode, args.records, args.actors, args.work)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import signal
 import socket
@@ -28,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+from benchmarks.report import emit
 
 
 def _records(mode: str, n: int) -> list[dict[str, Any]]:
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     result = run(args.mode, args.records, args.clients, args.work, args.rounds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
