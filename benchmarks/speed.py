@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import emit
+
 IMAGE_SIZE = (1036, 952)  # ≈ 0.99 MP: resized to just under the 1,003,520-pixel training cap
 
 
@@ -192,10 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = run(args.mode, args.work or default_cache() / "speed", args.text_layers, args.vision_layers, args.new_tokens,
                  args.images, tuple(args.artifacts))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
