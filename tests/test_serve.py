@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import hashlib
 import json
 import re
 import signal
@@ -288,6 +289,10 @@ def test_verdicts_over_http_equal_the_in_process_judge(mode, route, option, poin
         answer = service.client.post(route, json={**_inline(record), option: True})
         assert answer.status_code == 200, answer.text
         assert answer.json() == _expected(local(mode), record, **{option: True})
+        # Provenance included: the service's verdict names the judge, the image bytes and the options.
+        provenance = answer.json()["provenance"]
+        assert provenance["run"]["artifact"]["mode"] == mode and provenance["options"] == {option: True}
+        assert provenance["image_sha256"] == "sha256:" + hashlib.sha256(Path(record["path"]).read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
@@ -345,6 +350,7 @@ def test_pairwise_chat_completions_answer_the_judges_verdict(pairwise_service, l
                                      {"type": "text", "text": text}]}]})
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == _expected(local("pairwise"), record)["text"]
+    assert answer.json()["dfj"]["provenance"]["run_id"] == local("pairwise").run_id
 
 
 # -- bounded: the judge held at its gate, so the queue is in the state each test asserts -------------------
