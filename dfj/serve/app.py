@@ -40,9 +40,12 @@ class Service:
         self.api_key = config.api_key()
         self._load, self._on_load_failed = load, on_load_failed
         self.app = self._routes()
+        methods: dict[str, set[str]] = {}
+        for route in self.app.routes:
+            methods.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
         self.asgi = Observe(Guard(self.app, self.metrics, api_key=self.api_key, max_active=config.max_active,
                                   max_body=config.max_body_bytes, loopback=is_loopback(config.host),
-                                  retry_after=self.scheduler.retry_after), self.metrics)
+                                  retry_after=self.scheduler.retry_after, methods=methods), self.metrics)
 
     @property
     def judge(self) -> Judge | None:
@@ -57,8 +60,16 @@ class Service:
             yield
             self.scheduler.stop()
 
-        # No docs pages (they load scripts from a CDN), no CORS: browsers on other origins get nothing.
-        app = FastAPI(title="dfj judge service", docs_url=None, redoc_url=None, lifespan=lifespan)
+        # No docs pages (they load scripts from a CDN), no CORS: browsers on other origins get nothing. The
+        # OpenAPI document is dfj.serve.schema's, for the judge's mode and the service's settings.
+        app = FastAPI(title="dfj judge service", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+        @app.get("/openapi.json")
+        async def openapi() -> Response:
+            judge = self.judge
+            if judge is None:
+                return _loading()
+            return JSONResponse(self._openapi(judge.mode))
 
         @app.get("/health")
         async def health() -> Response:
@@ -203,6 +214,15 @@ class Service:
             return Response(status_code=499)
         self.scheduler.abandon(work, "deadline")
         return _error(504, f"not judged within this service's {self.config.timeout_s:g} s limit", "timeout")
+
+    def _openapi(self, mode: str) -> dict[str, Any]:
+        from dfj.serve.schema import openapi_document
+        from dfj.version import __version__
+
+        if getattr(self, "_document", None) is None:
+            self._document = openapi_document(mode, image_root=self.config.image_root is not None,
+                                              api_key=self.api_key is not None, version=__version__)
+        return self._document
 
     def _info(self, judge: Judge) -> dict[str, Any]:
         manifest = judge.manifest

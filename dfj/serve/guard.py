@@ -25,7 +25,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/openapi.json")
+# A body over the cap is read and thrown away, up to this many bytes, for as long as the client keeps
+# sending (an idle second ends it, and a total limit), before the 413 is sent: a client that writes its
+# whole body before reading (urllib, requests) then reads the 413, where a close while it writes gives it
+# a broken pipe. Past the bound the connection is closed.
+DRAIN_BYTES = 64 << 20
+DRAIN_IDLE_S = 1.0
+DRAIN_SECONDS = 30.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
@@ -65,8 +72,9 @@ class Observe:
 
 class Guard:
     def __init__(self, app: ASGIApp, metrics: Metrics, *, api_key: bytes | None, max_active: int, max_body: int,
-                 loopback: bool, retry_after: Callable[[], int]) -> None:
+                 loopback: bool, retry_after: Callable[[], int], methods: dict[str, set[str]] | None = None) -> None:
         self.app, self.metrics = app, metrics
+        self.methods = methods or {}  # path -> the methods its route takes: another one is answered 405
         self.api_key, self.max_active, self.max_body, self.loopback = api_key, max_active, max_body, loopback
         self.retry_after = retry_after
         self.active = 0
@@ -78,6 +86,11 @@ class Guard:
         if self.loopback and not _loopback_host(headers.get("host", "")):
             return await send_error(send, 421, "this service answers requests addressed to localhost only",
                                     "invalid_request_error")
+        # Before the key: which methods a route takes is in the open document anyway.
+        allowed = self.methods.get(scope["path"])
+        if allowed is not None and scope["method"] not in allowed | ({"HEAD"} if "GET" in allowed else set()):
+            return await send_error(send, 405, f"{scope['path']} takes {', '.join(sorted(allowed))}, not {scope['method']}",
+                                    "invalid_request_error", {"allow": ", ".join(sorted(allowed))})
         if scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         if self.api_key is not None and not self._authorized(headers):
@@ -90,6 +103,8 @@ class Guard:
                 status, message, reason = refusal
                 if reason:
                     self.metrics.rejected.labels(reason).inc()
+                if status == 413:
+                    await _drain(receive)
                 return await send_error(send, status, message, "invalid_request_error", {"connection": "close"})
         if self.active >= self.max_active:
             self.metrics.rejected.labels("busy").inc()
@@ -153,11 +168,30 @@ class Guard:
                 raise
         if over and not started:
             self.metrics.rejected.labels("body_too_large").inc()
+            await _drain(receive)
             await send_error(send, 413, _too_large(received, self.max_body), "invalid_request_error", {"connection": "close"})
 
 
+async def _drain(receive: Receive) -> None:
+    """Read and discard what the client still sends, up to DRAIN_BYTES, while it keeps sending."""
+    import asyncio
+
+    drained = 0
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while drained < DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, min(DRAIN_IDLE_S, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
 def _too_large(size: int, cap: int) -> str:
-    return f"the body is over this service's limit of {cap / (1 << 20):g} MB ({size} bytes or more); not read"
+    return f"the body is over this service's limit of {cap / (1 << 20):g} MB ({size} bytes or more); not judged"
 
 
 def _loopback_host(host: str) -> bool:
