@@ -133,6 +133,24 @@ def _inline(record: dict) -> dict:
     return {"image": base64.b64encode(Path(record["path"]).read_bytes()).decode(), **record["fields"]}
 
 
+# Records judged together run as one batch, whose fp32 rounding depends on the CPU's kernels: equal to
+# one-at-a-time calls to the last bit with AVX-512 oneDNN, not with AVX2 kernels (measured 4.2e-7 in p_a).
+# Where a service groups what the local judge ran alone, floats agree within this, all else exactly.
+GROUPED_FLOAT_ATOL = 1e-5
+
+
+def _same_verdicts(got: list[dict], expected: list[dict]) -> bool:
+    def apart(verdict: dict) -> tuple[dict, dict]:
+        floats = {k: v for k, v in verdict.items() if isinstance(v, float)}
+        return {k: v for k, v in verdict.items() if k not in floats}, floats
+
+    for one, other in zip(got, expected, strict=True):
+        (rest, floats), (rest_expected, floats_expected) = apart(one), apart(other)
+        assert rest == rest_expected and floats.keys() == floats_expected.keys(), (one, other)
+        assert all(abs(floats[k] - floats_expected[k]) <= GROUPED_FLOAT_ATOL for k in floats), (floats, floats_expected)
+    return True
+
+
 def _expected(judge, record: dict, **options) -> dict:
     fields = record["fields"]
     if judge.mode == "pointwise":
@@ -230,7 +248,7 @@ def test_a_batch_answers_one_verdict_per_item_in_order_and_a_bad_item_gets_its_e
     assert "record 2: unknown label 'genuine'" in verdicts[2]["error"]
     assert verdicts[4]["error"] == "record 4: 'image' is not valid base64"
     good = [v for i, v in enumerate(verdicts) if i not in (2, 4)]
-    assert good == [_expected(local(mode), r) for r in records]
+    assert _same_verdicts(good, [_expected(local(mode), r) for r in records])
 
 
 def test_the_openai_client_gets_the_judges_text_from_chat_completions(pointwise_service, local):
@@ -298,7 +316,7 @@ def test_64_concurrent_requests_against_a_queue_of_8_get_200_or_503_and_every_20
         assert statuses.count(200) >= 9 and statuses.count(503) >= 64 - 8 - 10, statuses  # a group holds 10 at most
         for i, status, retry_after, body in results:
             if status == 200:
-                assert body == expected[i % 4]
+                assert _same_verdicts([body], [expected[i % 4]])
             else:
                 assert int(retry_after) >= 1 and body["error"]["code"] == 503
         assert service.metric("dfj_records_total", outcome="runtime_error") == 0
