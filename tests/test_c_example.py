@@ -92,9 +92,7 @@ def _run(program: Path, judge, artifact: Path, image: str, label: str, responses
 
 
 def test_the_c_example_gives_dfjs_pairwise_p_a(program, artifacts, records, judges, tmp_path):
-    # dfj judges consecutive records of one image as a group, as `dfj judge` does. (A record judged alone
-    # runs its last tokens as a separate small batch, whose Q8_0 kernels round otherwise: P(A) moved by up
-    # to 5e-3 on these records; the example, like a group, runs each prompt's text in one batch.)
+    # Grouped, as `dfj judge` runs a file; dfj's llama.cpp runtime gives a record alone the same P(A).
     judge = judges(artifacts["pairwise"])
     ours = judge.judge_many(records["pairwise"])
     worst = 0.0

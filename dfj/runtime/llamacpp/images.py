@@ -33,6 +33,7 @@ class ImagePrompt:
 
     head: list[int]
     tail: list[int]
+    shared: int  # the tail's first ids that the prompt shares with its group (`Prompt.head`, past the image)
     image_tokens: int
     image_positions: int
     image_key: str
@@ -91,7 +92,8 @@ class Vision:
             raise
         finally:
             self.mtmd.mtmd_bitmap_free(bitmap)
-        built = ImagePrompt(ids[:at], ids[at + 1:], self.mtmd.mtmd_input_chunk_get_n_tokens(image_chunk),
+        built = ImagePrompt(ids[:at], ids[at + 1:], max(0, prepared.head - (at + 1)),
+                            self.mtmd.mtmd_input_chunk_get_n_tokens(image_chunk),
                             self.mtmd.mtmd_input_chunk_get_n_pos(image_chunk), prepared.image_key, chunks, image_chunk)
         needed = len(built.head) + built.image_positions + len(built.tail)
         if needed > context_length:

@@ -170,7 +170,9 @@ class LlamaCppRuntime(Runtime):
         state, self._state = self._state, None
         if state and state.image_key == prompt.image_key and state.head == prompt.head:
             base = state.image_end
-            reuse = _common_prefix(state.tokens, common)
+            # All of it or none past the image: text run in two batches would round otherwise than in one,
+            # and a verdict would depend on what ran before it.
+            reuse = len(common) if state.tokens == common else 0
             self.text.truncate(0, base + reuse)
             self.stats["prefix_hits"] += 1
         else:
@@ -192,7 +194,11 @@ class LlamaCppRuntime(Runtime):
         0's shared KV followed by its own tokens, all in one decode batch. Returns each prompt's logits
         at `outputs` (indices into its tail + extra) and the position where the text after the image starts."""
         tokens = [p.tail + e for p, e in zip(group, extras)]
-        shared = min([_common_prefix(tokens[0], t) for t in tokens] + [min(o) for o in outputs])
+        # Sequence 0 runs at most what the prompts declare shared (the chat up to the first response),
+        # whatever else the group holds: each prompt's own text then runs in one batch, alone or grouped.
+        # (Split by the group's common prefix, a record judged alone ran its last few tokens as a small
+        # batch, which llama.cpp's quantized kernels round otherwise: P(A) moved by up to 5e-3 on Q8_0.)
+        shared = min([_common_prefix(tokens[0], t) for t in tokens] + [min(o) for o in outputs] + [p.shared for p in group])
         base = self._shared(group[0], tokens[0][:shared])
         entries = []
         for seq, (sequence, wanted) in enumerate(zip(tokens, outputs), start=1):
