@@ -45,7 +45,7 @@ class Service:
         self.proc = subprocess.Popen(command, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
         self.health_seen: list[int] = []
-        self.client = httpx.Client(base_url=self.url, timeout=60, headers=self.auth())
+        self.client = httpx.Client(base_url=self.url, timeout=300, headers=self.auth())  # a judged request, on any machine
 
     def auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.key}"} if self.key else {}

@@ -83,16 +83,16 @@ class HeldService(Service):
                                                     lifespan="on", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, name="held-service", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "the in-process service did not start"
             time.sleep(0.01)
         self.health_seen = []
-        self.client = httpx.Client(base_url=self.url, timeout=60, headers=self.auth())
+        self.client = httpx.Client(base_url=self.url, timeout=300, headers=self.auth())
 
     def wait_ready(self) -> None:
         self.loaded.set()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while self.client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "the held judge did not become ready"
             time.sleep(0.01)
@@ -193,16 +193,16 @@ def local(judges):
 def test_health_is_503_while_the_judge_loads_then_200(local, tmp_path):
     with HeldService(local("pointwise"), tmp_path, key=KEY) as service:
         for route in ("/health", "/v1/info"):
-            loading = httpx.get(service.url + route, headers=service.auth())
+            loading = httpx.get(service.url + route, headers=service.auth(), timeout=120)
             assert loading.status_code == 503 and int(loading.headers["retry-after"]) >= 1, loading.text
-        assert httpx.get(service.url + "/health").json() == {"status": "loading"}
+        assert httpx.get(service.url + "/health", timeout=120).json() == {"status": "loading"}
         service.wait_ready()
-        assert httpx.get(service.url + "/health").json()["status"] == "ok"
+        assert httpx.get(service.url + "/health", timeout=120).json()["status"] == "ok"
 
 
 def test_health_says_what_is_served(pointwise_service):
     assert pointwise_service.health_seen[-1] == 200
-    body = httpx.get(pointwise_service.url + "/health").json()  # open to callers without the key
+    body = httpx.get(pointwise_service.url + "/health", timeout=120).json()  # open to callers without the key
     assert body == {"status": "ok", "mode": "pointwise", "runtime": "torch", "format": "adapter", "quant": "none"}
 
 
@@ -472,10 +472,11 @@ def test_a_wrong_or_missing_key_is_401(pointwise_service):
     record = _inline(_records("pointwise", 1)[0])
     for headers in ({}, {"authorization": "Bearer wrong-key-0123456789"}, {"authorization": f"Basic {KEY}"},
                     {"x-api-key": KEY[:-1]}):
-        answer = httpx.post(pointwise_service.url + "/v1/score", json=record, headers=headers)
+        answer = httpx.post(pointwise_service.url + "/v1/score", json=record, headers=headers, timeout=120)
         assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
-    assert httpx.get(pointwise_service.url + "/metrics").status_code == 401
-    assert httpx.post(pointwise_service.url + "/v1/score", json=record, headers={"x-api-key": KEY}).status_code == 200
+    assert httpx.get(pointwise_service.url + "/metrics", timeout=120).status_code == 401
+    judged = httpx.post(pointwise_service.url + "/v1/score", json=record, headers={"x-api-key": KEY}, timeout=300)
+    assert judged.status_code == 200
 
 
 def test_a_browser_page_cannot_use_the_service(pairwise_service):
@@ -508,3 +509,37 @@ def test_metrics_count_requests_by_route_and_status(pointwise_service):
     for name in ("dfj_queue_depth", "dfj_in_flight_records", "dfj_request_seconds_bucket", "dfj_records_total",
                  "dfj_abandoned_records_total", "dfj_ready 1.0"):
         assert name in text
+
+
+def test_a_service_holding_its_limit_of_requests_still_answers_reads():
+    """The `max_active` bound refuses judging work (POST) with 503; a scrape of /metrics or /v1/info while
+    the service is full is answered (it was refused, so a monitor saw nothing exactly when it mattered)."""
+    import asyncio
+
+    from dfj.serve.guard import Guard
+    from dfj.serve.metrics import Metrics
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def status_of(guard: Guard, method: str, path: str) -> int:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"2")]
+        await guard({"type": "http", "method": method, "path": path, "headers": headers}, receive, send)
+        return sent[0]["status"]
+
+    metrics = Metrics()
+    guard = Guard(app, metrics, api_key=None, max_active=1, max_body=1 << 20, loopback=True, retry_after=lambda: 1,
+                  methods={"/metrics": {"GET"}, "/v1/info": {"GET"}, "/v1/score": {"POST"}})
+    guard.active = 1  # one request held: the limit
+    assert asyncio.run(status_of(guard, "POST", "/v1/score")) == 503
+    assert asyncio.run(status_of(guard, "GET", "/metrics")) == 200 and asyncio.run(status_of(guard, "GET", "/v1/info")) == 200
+    assert metrics.registry.get_sample_value("dfj_rejected_requests_total", {"reason": "busy"}) == 1

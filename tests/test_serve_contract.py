@@ -49,7 +49,7 @@ def pointwise(merged, module_dir):
 
 
 def test_the_document_describes_every_route_body_answer_and_error(pairwise, pointwise):
-    document = httpx.get(pairwise.url + "/openapi.json").json()  # open, like /health
+    document = httpx.get(pairwise.url + "/openapi.json", timeout=120).json()  # open, like /health
     assert document["openapi"].startswith("3.1") and set(document["paths"]) == {
         "/health", "/v1/info", "/metrics", "/v1/compare", "/v1/compare/batch", "/v1/chat/completions"}
     compare = document["paths"]["/v1/compare"]["post"]
@@ -59,7 +59,7 @@ def test_the_document_describes_every_route_body_answer_and_error(pairwise, poin
     assert schemas["CompareRequest"]["properties"]["label"]["enum"] == ["real", "fake", "edited"]
     assert "image_path" not in schemas["CompareRequest"]["properties"]  # started without --image-root
     assert set(schemas["Error"]["properties"]) == {"error"} and "securitySchemes" not in document["components"]
-    keyed = httpx.get(pointwise.url + "/openapi.json").json()
+    keyed = httpx.get(pointwise.url + "/openapi.json", timeout=120).json()
     assert keyed["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     assert "image_path" in keyed["components"]["schemas"]["ScoreRequest"]["properties"]
     assert "401" in keyed["paths"]["/v1/score"]["post"]["responses"]
@@ -80,7 +80,7 @@ def test_a_property_based_fuzzer_finds_nothing_and_the_service_goes_on(mode, pai
 
 
 def test_a_generated_client_makes_a_scoring_call(pairwise, tmp_path):
-    (tmp_path / "openapi.json").write_text(httpx.get(pairwise.url + "/openapi.json").text)
+    (tmp_path / "openapi.json").write_text(httpx.get(pairwise.url + "/openapi.json", timeout=120).text)
     generated = subprocess.run([str(BIN / "openapi-python-client"), "generate", "--path", str(tmp_path / "openapi.json"),
                                 "--output-path", str(tmp_path / "client")], capture_output=True, text=True, timeout=300)
     assert (tmp_path / "client" / "dfj_judge_service_client").is_dir(), generated.stdout + generated.stderr

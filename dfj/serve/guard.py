@@ -106,6 +106,8 @@ class Guard:
                 if status == 413:
                     await _drain(receive)
                 return await send_error(send, status, message, "invalid_request_error", {"connection": "close"})
+        if scope["method"] != "POST":  # reads (info, metrics) hold no body and no judge: a full service answers them
+            return await self.app(scope, receive, send)
         if self.active >= self.max_active:
             self.metrics.rejected.labels("busy").inc()
             return await send_error(send, 503, f"the service holds {self.active} requests, its limit; retry later",
