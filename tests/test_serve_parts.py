@@ -9,7 +9,6 @@ import io
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

@@ -124,8 +124,6 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
 def stream_merge(model_dir: Path, adapter_dir: Path | None, work: Path, saved_dtype: str,
                  max_shard_bytes: int | None = None) -> dict[str, Any]:
     """Write `model_dir`'s weights (+ the adapter's LoRA deltas) as `saved_dtype` shards into `work`."""
-    import torch
-
     base = Checkpoint(model_dir)
     deltas = lora_deltas(adapter_dir, base) if adapter_dir is not None else {}
     adapter = _adapter_tensors(adapter_dir) if adapter_dir is not None else {}
