@@ -9,32 +9,18 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
+from llama_source import unpack
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
 
-LLAMA_CPP_VERSION = "0.3.36"  # scripts/install.sh's
 RECORDS = {"pairwise": 12, "pointwise": 6}
 P_A_ATOL = 1e-4
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c"
 REFERENCE = Path(__file__).resolve().parents[1] / "dfj" / "reference"  # the DFJ prompt templates
-
-
-def _llama_source(root: Path) -> Path:
-    """The headers of the llama.cpp inside the llama-cpp-python source package scripts/install.sh keeps."""
-    wheels = Path(os.environ.get("DFJ_WHEEL_CACHE") or Path.home() / ".cache" / "dfj" / "wheels")
-    sdist = wheels / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
-    assert sdist.is_file(), f"{sdist} is missing: scripts/install.sh fetches it"
-    prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
-    wanted = (prefix + "include/", prefix + "ggml/include/", prefix + "tools/mtmd/")
-    with tarfile.open(sdist) as archive:
-        members = [m for m in archive.getmembers() if m.name.startswith(wanted) and m.name.endswith(".h")]
-        archive.extractall(root, members=members, filter="data")
-    return root / prefix
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,8 @@ def program(module_dir) -> Path:
     for name in ("dfj_judge.c", "Makefile"):
         shutil.copy(EXAMPLE / name, root / name)
     lib = Path(llama_cpp.__file__).parent / "lib"
-    built = subprocess.run(["make", "-C", str(root), f"LLAMA_SRC={_llama_source(root / 'src')}", f"LLAMA_LIB={lib}",
+    headers = unpack(root / "src", ("include/", "ggml/include/", "tools/mtmd/"), ".h")
+    built = subprocess.run(["make", "-C", str(root), f"LLAMA_SRC={headers}", f"LLAMA_LIB={lib}",
                             "CFLAGS=-O2 -Wall -Wextra -Werror -std=c11"], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
     return root / "dfj_judge"

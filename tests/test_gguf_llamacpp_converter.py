@@ -4,38 +4,21 @@ source package that scripts/install.sh keeps in the wheel cache): same tensors, 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from llama_source import unpack
 
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
 
-LLAMA_CPP_VERSION = "0.3.36"  # scripts/install.sh's
-
-
-def _sdist() -> Path:
-    wheels = Path(os.environ.get("DFJ_WHEEL_CACHE") or Path.home() / ".cache" / "dfj" / "wheels")
-    sdist = wheels / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
-    assert sdist.is_file(), f"{sdist} is missing: scripts/install.sh fetches it"
-    return sdist
-
-
 @pytest.fixture(scope="module")
 def converter(tmp_path_factory) -> Path:
     """llama.cpp's converter, its conversion package and its gguf-py, unpacked from the source package."""
-    root = tmp_path_factory.mktemp("llama-converter")
-    prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
-    wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
-    with tarfile.open(_sdist()) as archive:
-        members = [m for m in archive.getmembers() if m.name.startswith(wanted)]
-        archive.extractall(root, members=members, filter="data")
-    return root / prefix
+    return unpack(tmp_path_factory.mktemp("llama-converter"), ("convert_hf_to_gguf.py", "conversion/", "gguf-py/"))
 
 
 @pytest.fixture(scope="module")
