@@ -83,3 +83,16 @@ def test_the_readme_stays_a_short_guide():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 300
     assert not [line for line in lines if re.search(r"\bissue \d+", line)], "history belongs in docs/results"
+
+
+def test_ci_runs_the_readmes_test_command():
+    """`.ci/run` is the README's test command, step for step (pytest may take extra options there)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"Run the tests:\s*```bash\n(.*?)```", text, re.DOTALL)
+    assert block, "the README has no 'Run the tests' command"
+    steps = [step.strip() for step in block.group(1).strip().split("&&")]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert len(ci) == len(steps) and all(line.startswith(step) for line, step in zip(ci, steps)), (ci, steps)
+    for script in re.findall(r"bash (scripts/[\w.-]+\.sh)", block.group(1)):
+        assert (ROOT / script).is_file(), script
