@@ -62,6 +62,23 @@ def merged(tiny, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def trained_gguf(tmp_path_factory):
+    """GGUF artifacts of the trained tiny judges, built once per session: trained_gguf('pairwise', 'q8_0')."""
+    from dfj.pipeline import build
+    from dfj.tiny import trained_tiny_judge
+
+    root = tmp_path_factory.mktemp("trained-gguf")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(mode: str, quant: str = "q8_0") -> Path:
+        if (mode, quant) not in built:
+            built[mode, quant] = build(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
+        return built[mode, quant]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def module_dir(tmp_path_factory):
     """module_dir(name) -> a fresh folder removed when the test module is done: exports are large."""

@@ -42,12 +42,8 @@ def program(module_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(module_dir) -> dict[str, Path]:
-    from dfj.pipeline import build
-    from dfj.tiny import trained_tiny_judge
-
-    root = module_dir("c-example-gguf")
-    return {mode: build(trained_tiny_judge(mode), root / mode, "gguf-q8_0") for mode in ("pairwise", "pointwise")}
+def artifacts(trained_gguf) -> dict[str, Path]:
+    return {mode: trained_gguf(mode, "q8_0") for mode in ("pairwise", "pointwise")}
 
 
 @pytest.fixture(scope="module")
