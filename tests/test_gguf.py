@@ -367,6 +367,24 @@ def test_tensor_map_is_complete_for_the_real_configurations(size):
             plan_tensors(shapes, as_dict)
 
 
+def test_a_shallow_vision_tower_maps_its_projector_and_an_all_full_attention_one_is_refused(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from dfj.export.gguf import _vision_metadata, plan_tensors
+    from dfj.tiny.full_depth import judge_config, real_shapes
+
+    for depth in (1, 2):  # the projector's linears are mm.0 / mm.2 whatever the depth
+        config = judge_config(*real_shapes("3B", 1, depth))
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
+        shapes.pop("lm_head.weight", None)
+        _, vision_plan = plan_tensors(shapes, json.loads(config.to_json_string()))
+        assert {"mm.0.weight", "mm.2.weight"} <= {t.name for t in vision_plan}
+    # One block, full attention: llama.cpp's mtmd would abort the process on the first image.
+    with pytest.raises(ValueError, match="every vision block is full attention"):
+        _vision_metadata(json.loads(config.to_json_string()) | {"vision_config": {**config.vision_config.to_dict(), "depth": 1, "fullatt_block_indexes": [0]}}, tmp_path, "x", "f16")
+
+
 NO_TORCH = """
 import json, sys
 for name in ("torch", "transformers", "torchvision", "peft", "onnxruntime", "gguf"):

@@ -60,7 +60,9 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> 
     vision_config = config["vision_config"]
     tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
     text_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2VL, text_config["num_hidden_layers"])
-    vision_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision_config["depth"])
+    # The projector's linears (merger.mlp.0 / .2 -> mm.0 / mm.2) are named through the block-indexed
+    # map, so it must cover index 2 even for a vision tower of fewer than three blocks.
+    vision_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vision_config["depth"], 3))
     text: list[PlannedTensor] = []
     vision: list[PlannedTensor] = []
     unknown: list[str] = []
@@ -256,6 +258,9 @@ def _vision_metadata(config: dict[str, Any], model_dir: Path, name: str, dtype: 
     period = full[0] + 1 if full else 0
     if full and full != list(range(period - 1, vision["depth"], period)):
         raise ValueError(f"full-attention blocks {full} are not periodic; llama.cpp's n_wa_pattern cannot express them")
+    if period == 1:  # clip.cpp then builds no window mask but sets one, and aborts the process
+        raise ValueError(f"every vision block is full attention (fullatt_block_indexes {full}): llama.cpp's Qwen2.5-VL "
+                         "projector needs windowed blocks between them")
     # What llama.cpp's converter writes for Qwen2.5-VL, no more: clip.cpp fixes the merge (2) and the
     # attention window (112 pixels) for this projector and reads no pixel limits from the file (the
     # runtime passes the judge's limits, from dfj.json, as image token bounds).
