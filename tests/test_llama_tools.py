@@ -1,8 +1,8 @@
 """llama.cpp's own programs, `llama-server` and `llama-mtmd-cli` (built by scripts/build-llama-tools.sh from
 the llama.cpp that the pinned llama-cpp-python vendors), judge dfj's GGUF artifacts of the trained tiny
-judges as dfj's llama.cpp runtime does, with the recipes of docs/embedding.md: pairwise P(A) from
-`/completion` with `n_probs` within 1e-3 and the same choice, pointwise greedy text equal through chat
-completions and through the CLI. Both tokenize the prompt's text with special tokens parsed, so a
+judges (and of a 3B-width judge) as dfj's llama.cpp runtime does, with the recipes of docs/embedding.md:
+pairwise P(A) from `/completion` with `n_probs` within 1e-3 and the same choice, greedy text equal (or
+parted at a near tie) through chat completions and through the CLI. Both tokenize the prompt's text with special tokens parsed, so a
 response holding `<|im_end|>` does become a control token there: the last test shows it from the ids the
 server ran, which is why the docs send untrusted text through the C API or `dfj serve` instead.
 
@@ -100,6 +100,28 @@ def test_llama_server_gives_dfjs_p_a_on_a_3b_width_judge(tools, shaped, records,
         for record, verdict in zip(chosen, judge.judge_many(chosen), strict=True):
             p_a, _ = pairwise_p_a(server, shaped, record, branches, n_probs=1 << 20, cache_prompt=False)
             assert abs(p_a - verdict.p_a) <= P_A_ATOL, (record.image, p_a, verdict.p_a)
+
+
+def test_llama_mtmd_cli_writes_dfjs_greedy_text_on_a_3b_width_judge(tools, shaped, records, tmp_path):
+    import dfj
+    from dfj.prompts import render
+
+    # Random weights: the greedy text of a few steps, held by the tie rule (dfj's generating path).
+    judge = dfj.load_judge(str(shaped), pairwise="generate", max_new_tokens=6)
+    for number, record in enumerate(records["pairwise"][:2]):
+        [verdict] = judge.judge_many([record])
+        png = tmp_path / f"{number}.png"
+        png.write_bytes(fitted_png(shaped, record.image))
+        command = [str(tools / "llama-mtmd-cli"), *tool_options(shaped), "--image", str(png), "-p",
+                   render("pairwise", record.label, record.response_a, record.response_b), "--temp", "0", "--top-k", "1",
+                   "-n", "6", "--jinja"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=tool_environment(shaped))
+        assert done.returncode == 0, done.stderr[-3000:]
+        # The CLI prints its text between newlines of its own; random text may hold some too at its ends.
+        ours, theirs = verdict.text.strip(), done.stdout.strip()
+        assert ours and _same_text(judge, record, ours, theirs), (theirs, ours)
+    judge.runtime.close()
 
 
 def _until_stop(text: str, stop: str = "</score>") -> str:
