@@ -3,7 +3,7 @@ records and the same cores: seconds per verdict, and how far the server's verdic
 benchmark, not a test (`tests/test_llama_tools.py` holds the verdicts to dfj's on the trained judges).
 
     python -m benchmarks.llama_server --mode pairwise [--quant gguf-q4_k_m] [--images 1]
-                                      [--text-layers 4] [--vision-layers 4] [--out FILE.json]
+                                      [--text-layers 4] [--vision-layers 4 | --full-depth 3B] [--out FILE.json]
 
 The judge is `benchmarks.speed`'s (the released 3B's widths, fewer layers, random weights) and so is the
 split (images near the training pixel cap, 10 pairs or 5 responses on each). dfj runs the records as
@@ -193,17 +193,45 @@ def pointwise_text(server: LlamaServer, artifact: Path, record, max_tokens: int,
     return answer["choices"][0]["message"]["content"], answer
 
 
+def full_depth_artifact(folder: Path, size: str, mode: str, quant: str) -> Path:
+    """The released `size`'s every layer, random weights (`dfj.tiny.full_depth`, bf16, one tensor at a
+    time), exported to `quant` from base + adapter; kept in `folder` and reused."""
+    from dfj.manifest import read_manifest
+    from dfj.pipeline import build
+    from dfj.tiny.full_depth import build_random_judge, real_shapes
+
+    out = folder / f"full-{size}-{mode}-{quant}"
+    if out.is_dir() and read_manifest(out) is not None:
+        return out
+    adapter = folder / f"full-{size}-{mode}" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        started = time.perf_counter()
+        adapter = build_random_judge(folder / f"full-{size}-{mode}", *real_shapes(size), mode=mode)
+        print(f"built the random full-depth {size} judge in {time.perf_counter() - started:.0f} s", flush=True)
+    started = time.perf_counter()
+    build(str(adapter), out, quant, overwrite=True)
+    print(f"exported {quant} in {time.perf_counter() - started:.0f} s", flush=True)
+    return out
+
+
 def run(mode: str, quant: str, folder: Path, text_layers: int, vision_layers: int, images: int,
-        new_tokens: int) -> dict[str, Any]:
+        new_tokens: int, full_depth: str | None = None) -> dict[str, Any]:
     from benchmarks.speed import _command, _exported, bench_split, build_bench_judge
     from dfj.data import read_split
 
     tools = tools_bin()
     if tools is None:
         raise SystemExit("llama.cpp's tools are not built: run scripts/build-llama-tools.sh")
-    judge_dir = build_bench_judge(folder / f"bench-judge-t{text_layers}-v{vision_layers}", text_layers, vision_layers)
     split = bench_split(folder / f"split-{mode}-{images}", mode, images)
-    artifact = _exported(judge_dir, mode, quant)
+    if full_depth:
+        from dfj.tiny.full_depth import real_shapes
+
+        text, vision = real_shapes(full_depth)
+        text_layers, vision_layers = text["num_hidden_layers"], vision["depth"]
+        artifact = full_depth_artifact(folder, full_depth, mode, quant)
+    else:
+        judge_dir = build_bench_judge(folder / f"bench-judge-t{text_layers}-v{vision_layers}", text_layers, vision_layers)
+        artifact = _exported(judge_dir, mode, quant)
     records = read_split(split, mode=mode).records
     if mode == "pairwise":
         new_tokens = 8  # unused by the one-forward verdict
@@ -244,7 +272,8 @@ def run(mode: str, quant: str, folder: Path, text_layers: int, vision_layers: in
     firsts = [row["seconds"] for index, row in enumerate(rows) if index % per_image == 0]
     rest = [row["seconds"] for index, row in enumerate(rows) if index % per_image != 0]
     result: dict[str, Any] = {
-        "mode": mode, "artifact": quant, "records": len(records), "images": images, "text_layers": text_layers,
+        "mode": mode, "artifact": quant, "judge": f"full-depth {full_depth}" if full_depth else "3B widths",
+        "records": len(records), "images": images, "text_layers": text_layers,
         "vision_layers": vision_layers, "threads": os.cpu_count(),
         "dfj": {"command": f"dfj judge {quant} --data SPLIT --out OUT", "kernels": ours["kernels"],
                 "load_s": ours["load_s"], "per_verdict_s": ours["per_verdict_s"], "split_s": ours["split_s"]},
@@ -272,13 +301,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=96, help="pointwise tokens decoded by both")
+    parser.add_argument("--full-depth", choices=("3B", "7B"), default=None,
+                        help="the released size's every layer instead of --text-layers / --vision-layers")
     parser.add_argument("--work", type=Path, default=None, help="where the bench judge is built (default: dfj cache)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from dfj.tiny import default_cache
 
     emit(run(args.mode, args.quant, args.work or default_cache() / "speed", args.text_layers, args.vision_layers,
-             args.images, args.new_tokens), args.out)
+             args.images, args.new_tokens, args.full_depth), args.out)
 
 
 if __name__ == "__main__":
