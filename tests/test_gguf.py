@@ -381,8 +381,10 @@ def test_a_shallow_vision_tower_maps_its_projector_and_an_all_full_attention_one
         _, vision_plan = plan_tensors(shapes, json.loads(config.to_json_string()))
         assert {"mm.0.weight", "mm.2.weight"} <= {t.name for t in vision_plan}
     # One block, full attention: llama.cpp's mtmd would abort the process on the first image.
+    one_block = json.loads(judge_config(*real_shapes("3B", 1, 1)).to_json_string())
+    assert one_block["vision_config"]["fullatt_block_indexes"] == [0]
     with pytest.raises(ValueError, match="every vision block is full attention"):
-        _vision_metadata(json.loads(config.to_json_string()) | {"vision_config": {**config.vision_config.to_dict(), "depth": 1, "fullatt_block_indexes": [0]}}, tmp_path, "x", "f16")
+        _vision_metadata(one_block, tmp_path, "x", "f16")
 
 
 NO_TORCH = """

@@ -102,12 +102,11 @@ def test_llama_server_gives_dfjs_p_a_on_a_3b_width_judge(tools, shaped, records,
             assert abs(p_a - verdict.p_a) <= P_A_ATOL, (record.image, p_a, verdict.p_a)
 
 
-def test_llama_mtmd_cli_writes_dfjs_greedy_text_on_a_3b_width_judge(tools, shaped, records, tmp_path):
-    import dfj
+def test_llama_mtmd_cli_writes_dfjs_greedy_text_on_a_3b_width_judge(tools, shaped, records, judges, tmp_path):
     from dfj.prompts import render
 
     # Random weights: the greedy text of a few steps, held by the tie rule (dfj's generating path).
-    judge = dfj.load_judge(str(shaped), pairwise="generate", max_new_tokens=6)
+    judge = judges(shaped, pairwise="generate", max_new_tokens=6)
     for number, record in enumerate(records["pairwise"][:2]):
         [verdict] = judge.judge_many([record])
         png = tmp_path / f"{number}.png"
@@ -121,7 +120,6 @@ def test_llama_mtmd_cli_writes_dfjs_greedy_text_on_a_3b_width_judge(tools, shape
         # The CLI prints its text between newlines of its own; random text may hold some too at its ends.
         ours, theirs = verdict.text.strip(), done.stdout.strip()
         assert ours and _same_text(judge, record, ours, theirs), (theirs, ours)
-    judge.runtime.close()
 
 
 def _until_stop(text: str, stop: str = "</score>") -> str:
