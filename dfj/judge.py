@@ -35,6 +35,18 @@ ANSWER_BRANCHES = ("<answer>A</answer>", "<answer>B</answer>")
 MIN_ANSWER_MASS = 0.5
 
 
+@dataclass(frozen=True)
+class BranchPlan:
+    """Where a forced text parts into branches: the token ids to force (the branches' shared prefix and
+    the first token that differs, as the first branch has it), the row of that parting token in the
+    forced ids, and each branch's token at that row. A one-forward verdict reads the log-probabilities
+    of `tokens` at row `at`."""
+
+    forced: tuple[int, ...]
+    at: int
+    tokens: tuple[int, ...]
+
+
 @dataclass
 class Prepared:
     """One record ready for the runtime: its prompt (and, for a swap check, the prompt with A and B
@@ -222,20 +234,20 @@ class Judge:
         if not todo:
             return
         scores = self.runtime.score([prompt for _, prompt, _ in todo],
-                                    [Scoring(tuple(forced), tokens=tuple(tokens)) for _, _, (forced, _, tokens) in todo])
-        for (verdict, _, (_, at, _)), result in zip(todo, scores):
+                                    [Scoring(plan.forced, tokens=plan.tokens) for _, _, plan in todo])
+        for (verdict, _, plan), result in zip(todo, scores):
             if isinstance(result, Exception):
                 verdict.error = f"expected score: {error_text(result)}"
                 continue
-            probabilities = np.exp(result.tokens[at].astype(np.float64))
+            probabilities = np.exp(result.tokens[plan.at].astype(np.float64))
             verdict.expected_score = float((probabilities * np.arange(1, 6)).sum() / probabilities.sum())
 
     def _pairwise(self, group: list[Prepared], cancel: Cancel | None = None) -> list[Any]:
         prompts_ = [p.prompt for p in group] + [p.swapped for p in group if p.swapped is not None]
         if self.pairwise == "answer":
-            forced, at, tokens = self._answer_plan()
-            results = self.runtime.score(prompts_, [Scoring(tuple(forced), tokens=tuple(tokens))] * len(prompts_))
-            verdicts = [r if isinstance(r, Exception) else _pairwise_verdict(r.tokens[at]) for r in results]
+            plan = self.answer_plan()
+            results = self.runtime.score(prompts_, [Scoring(plan.forced, tokens=plan.tokens)] * len(prompts_))
+            verdicts = [r if isinstance(r, Exception) else _pairwise_verdict(r.tokens[plan.at]) for r in results]
         else:
             outputs = self.runtime.generate(prompts_, self.new_token_limit, stop="</answer>", cancel=cancel)
             verdicts = [o if isinstance(o, Exception) else parse_pairwise(self.runtime.decode(o)) for o in outputs]
@@ -257,16 +269,18 @@ class Judge:
                 verdict.provenance = {"run_id": self.run_id, "run": self.run, **prepared.provenance, "options": options}
         return verdicts
 
-    def _answer_plan(self) -> tuple[list[int], int, list[int]]:
+    def answer_plan(self) -> BranchPlan:
+        """How this judge's one-forward pairwise verdict reads P(A): `<answer>A</answer>` and
+        `<answer>B</answer>` tokenized by its own tokenizer (in Qwen2.5's, `<`, `answer`, then `>A` or
+        `>B`). A host driving another program on the same artifact (llama-server, ORT GenAI) ends its
+        prompt with `forced[:at]` and reads the probabilities of `tokens`."""
         plan = self._branch_plan("", list(ANSWER_BRANCHES))
         if plan is None:
             raise RuntimeError("this tokenizer does not split <answer>A / <answer>B at one token; use pairwise='generate'")
         return plan
 
-    def _branch_plan(self, head: str, branches: list[str]) -> tuple[list[int], int, list[int]] | None:
-        """(ids to force, index of the row where the branches part, each branch's token there).
-
-        The branches are tokenized with the head (BPE can merge across the join); their shared token
+    def _branch_plan(self, head: str, branches: list[str]) -> BranchPlan | None:
+        """The branches are tokenized with the head (BPE can merge across the join); their shared token
         prefix is forced and the next token must differ between branches, else None."""
         tokenized = [self.runtime.tokenize(head + branch, True) for branch in branches]
         shared = 0
@@ -274,7 +288,7 @@ class Judge:
             shared += 1
         if any(len(ids) <= shared for ids in tokenized) or len({ids[shared] for ids in tokenized}) != len(branches):
             return None
-        return tokenized[0][: shared + 1], shared, [ids[shared] for ids in tokenized]
+        return BranchPlan(tuple(tokenized[0][: shared + 1]), shared, tuple(ids[shared] for ids in tokenized))
 
     def _failed(self, index: int, record: Any, message: str) -> PointwiseVerdict | PairwiseVerdict:
         line = getattr(record, "line", None)

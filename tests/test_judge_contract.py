@@ -176,6 +176,22 @@ def test_a_one_forward_verdict_is_malformed_when_a_and_b_hold_too_little_probabi
     assert not lost.ok and lost.choice is None and "40.0%" in lost.error and lost.text == "<answer>"
 
 
+def test_the_answer_plan_is_where_a_and_b_part_in_the_judges_own_tokens():
+    """Hosts driving another program (llama-server, ORT GenAI) end the prompt where dfj's one-forward
+    verdict forks: the plan is public, and a tokenizer that cannot fork A from B there is refused."""
+    runtime = ScriptedRuntime([])
+    plan = Judge(runtime, "pairwise").answer_plan()
+    assert runtime.decode(list(plan.forced[: plan.at])) == "<answer>" and plan.tokens == (ord("A"), ord("B"))
+    assert plan.forced[plan.at] == plan.tokens[0] and len(plan.forced) == plan.at + 1
+
+    class Blind(ScriptedRuntime):  # A and B one token: nothing to read them apart by
+        def tokenize(self, text, special):
+            return super().tokenize(text.replace("B", "A"), special)
+
+    with pytest.raises(RuntimeError, match="does not split <answer>A / <answer>B at one token"):
+        Judge(Blind([]), "pairwise").answer_plan()
+
+
 def test_the_pairwise_method_is_named_and_one_call_per_group_with_the_swap_check():
     runtime = ScriptedRuntime([])
     judge = Judge(runtime, "pairwise")
