@@ -70,7 +70,7 @@ def run(mode: str, records: int, actor_counts: list[int], work: Path) -> dict[st
     judge = dfj.load_judge(str(artifact))
     load_s = time.perf_counter() - start
     result["local"] = {"load_s": round(load_s, 2),
-                       **_timed_run(lambda: judge_jsonl(judge, data, local_out, overwrite=True), local_out, records)}
+                       **_timed_run(lambda loaded=judge: judge_jsonl(loaded, data, local_out, overwrite=True), local_out, records)}
     del judge
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

@@ -3,7 +3,8 @@ records and the same cores: seconds per verdict, and how far the server's verdic
 benchmark, not a test (`tests/test_llama_tools.py` holds the verdicts to dfj's on the trained judges).
 
     python -m benchmarks.llama_server --mode pairwise [--quant gguf-q4_k_m] [--images 1]
-                                      [--text-layers 4] [--vision-layers 4 | --full-depth 3B] [--out FILE.json]
+                                      [--text-layers 4] [--vision-layers 4 | --full-depth 3B]
+                                      [--vision mtmd torch torch-bf16] [--out FILE.json]
 
 The judge is `benchmarks.speed`'s (the released 3B's widths, fewer layers, random weights) and so is the
 split (images near the training pixel cap, 10 pairs or 5 responses on each). dfj runs the records as
@@ -12,7 +13,8 @@ verdict in one forward). The server runs as a deployment would (`scripts/build-l
 its prompt cache on, dfj's CPU level), each record one request with its image, as a client sends them, by
 the recipes of docs/embedding.md: pairwise `/completion` reading P(A) after `<answer`, pointwise chat
 completions. Random weights never close `</score>`, so pointwise both decode `--new-tokens` tokens
-(dfj's cap; the server with `ignore_eos`); the rows say how many each wrote.
+(dfj's cap; the server with `ignore_eos`); the rows say how many each wrote. `--vision` runs dfj once per
+image encoder (`dfj judge --vision`), all against the one server run.
 
 The request helpers here are the documented recipes; the tests use them too.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import io
 import json
 import math
@@ -72,8 +75,11 @@ def tool_options(artifact: Path, threads: int | None = None) -> list[str]:
             "--image-max-tokens", str(pixels["max_pixels"] // 28**2)]
 
 
+@functools.lru_cache(maxsize=64)
 def fitted_png(artifact: Path, image) -> bytes:
-    """The record's image at its model size, as dfj fits it (`dfj.images.fit_to_grid`), as PNG bytes."""
+    """The record's image at its model size, as dfj fits it (`dfj.images.fit_to_grid`), as PNG bytes;
+    kept per image, so the benchmark encodes each image before its clock starts, as a client holding
+    the files would."""
     from dfj.images import PixelLimits, fit_to_grid, load_image
     from dfj.manifest import read_manifest
 
@@ -154,11 +160,12 @@ def server_chat(marker: str, mode: str, label: str, *responses: str) -> str:
 
 def answer_branches(judge) -> tuple[str, int, int]:
     """The text that ends a pairwise prompt and the ids of A and B after it, as dfj's one-forward verdict
-    reads them: `<answer>A</answer>` and `<answer>B</answer>` part at one token (in Qwen2.5's vocabulary
-    `<`, `answer`, then `>A` or `>B`, so the prompt ends in `<answer`)."""
-    a, b = (judge.runtime.tokenize(f"<answer>{letter}</answer>", True) for letter in "AB")
-    at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return judge.runtime.decode(a[:at]), a[at], b[at]
+    reads them (`Judge.answer_plan`; in Qwen2.5's vocabulary `<`, `answer`, then `>A` or `>B`, so the
+    prompt ends in `<answer`)."""
+    plan = judge.answer_plan()
+    if len(plan.tokens) != 2:
+        raise ValueError(f"expected two answer branches, got {len(plan.tokens)}")
+    return judge.runtime.decode(list(plan.forced[: plan.at])), plan.tokens[0], plan.tokens[1]
 
 
 def pairwise_p_a(server: LlamaServer, artifact: Path, record, branches: tuple[str, int, int],
@@ -215,7 +222,7 @@ def full_depth_artifact(folder: Path, size: str, mode: str, quant: str) -> Path:
 
 
 def run(mode: str, quant: str, folder: Path, text_layers: int, vision_layers: int, images: int,
-        new_tokens: int, full_depth: str | None = None) -> dict[str, Any]:
+        new_tokens: int, full_depth: str | None = None, visions: tuple[str, ...] = ("mtmd",)) -> dict[str, Any]:
     from benchmarks.speed import _command, _exported, bench_split, build_bench_judge
     from dfj.data import read_split
 
@@ -235,17 +242,26 @@ def run(mode: str, quant: str, folder: Path, text_layers: int, vision_layers: in
     records = read_split(split, mode=mode).records
     if mode == "pairwise":
         new_tokens = 8  # unused by the one-forward verdict
-    ours = _command(str(artifact), split, folder / f"out-{mode}-{quant}-llama-server.jsonl", mode, new_tokens)
+    runs = {vision: _command(str(artifact), split, folder / f"out-{mode}-{quant}-{vision}-llama-server.jsonl", mode,
+                             new_tokens, vision=vision) for vision in visions}
+    ours = runs[visions[0]]
     import dfj
 
+    # dfj's judge only tokenizes here, and is closed before the server loads the same files.
     judge = dfj.load_judge(str(artifact), mode=mode)
+    try:
+        branches = answer_branches(judge) if mode == "pairwise" else None
+        dfj_tokens = [len(judge.runtime.tokenize(mine["text"], True)) for mine in ours["rows"]] if mode == "pointwise" else []
+    finally:
+        judge.runtime.close()
+    for record in records:
+        fitted_png(artifact, record.image)
     rows: list[dict[str, Any]] = []
     log = folder / f"llama-server-{mode}-{quant}.log"
     with LlamaServer(tools, artifact, log) as server:
         load_s = server.load_s
         started = time.perf_counter()
-        if mode == "pairwise":
-            branches = answer_branches(judge)
+        if branches is not None:
             for record, mine in zip(records, ours["rows"], strict=True):
                 t0 = time.perf_counter()
                 p_a, answer = pairwise_p_a(server, artifact, record, branches)
@@ -259,15 +275,13 @@ def run(mode: str, quant: str, folder: Path, text_layers: int, vision_layers: in
                     row["p_a"], _ = pairwise_p_a(server, artifact, record, branches, n_probs=1 << 20)
                     row["p_a_from"] = "whole distribution"
         else:
-            for record, mine in zip(records, ours["rows"], strict=True):
+            for record, mine, tokens in zip(records, ours["rows"], dfj_tokens, strict=True):
                 t0 = time.perf_counter()
                 text, answer = pointwise_text(server, artifact, record, new_tokens, ignore_eos=True)
                 rows.append({"seconds": time.perf_counter() - t0, "same_text": text == mine["text"],
-                             "tokens": answer["usage"]["completion_tokens"],
-                             "dfj_tokens": len(judge.runtime.tokenize(mine["text"], True)),
+                             "tokens": answer["usage"]["completion_tokens"], "dfj_tokens": tokens,
                              "prompt_tokens_run": answer["timings"]["prompt_n"]})
             total = time.perf_counter() - started
-    judge.runtime.close()
     per_image = len(records) // images
     firsts = [row["seconds"] for index, row in enumerate(rows) if index % per_image == 0]
     rest = [row["seconds"] for index, row in enumerate(rows) if index % per_image != 0]
@@ -275,14 +289,25 @@ def run(mode: str, quant: str, folder: Path, text_layers: int, vision_layers: in
         "mode": mode, "artifact": quant, "judge": f"full-depth {full_depth}" if full_depth else "3B widths",
         "records": len(records), "images": images, "text_layers": text_layers,
         "vision_layers": vision_layers, "threads": os.cpu_count(),
-        "dfj": {"command": f"dfj judge {quant} --data SPLIT --out OUT", "kernels": ours["kernels"],
-                "load_s": ours["load_s"], "per_verdict_s": ours["per_verdict_s"], "split_s": ours["split_s"]},
+        "dfj": {"command": f"dfj judge {quant} --data SPLIT --out OUT --vision {visions[0]}", "vision": visions[0],
+                "kernels": ours["kernels"], "load_s": ours["load_s"], "per_verdict_s": ours["per_verdict_s"],
+                "split_s": ours["split_s"]},
         "llama_server": {"load_s": load_s, "per_verdict_s": total / len(records),
                          "first_of_image_s": sum(firsts) / len(firsts) if firsts else None,
                          "rest_of_image_s": sum(rest) / len(rest) if rest else None},
         "speedup_dfj_over_server": (total / len(records)) / ours["per_verdict_s"],
         "rows": rows,
     }
+    for vision, other in list(runs.items())[1:]:  # the same records through another image encoder
+        entry = {"vision": vision, "load_s": other["load_s"], "per_verdict_s": other["per_verdict_s"],
+                 "split_s": other["split_s"], "speedup_over_server": (total / len(records)) / other["per_verdict_s"]}
+        if mode == "pairwise":
+            pairs = list(zip(other["rows"], ours["rows"]))
+            entry["same_choice_as_first"] = sum((a["p_a"] >= 0.5) == (b["p_a"] >= 0.5) for a, b in pairs) / len(pairs)
+            entry["max_abs_delta_p_a_from_first"] = max(abs(a["p_a"] - b["p_a"]) for a, b in pairs)
+        else:
+            entry["same_text_as_first"] = sum(a["text"] == b["text"] for a, b in zip(other["rows"], ours["rows"])) / len(records)
+        result.setdefault("dfj_other_vision", []).append(entry)
     if mode == "pairwise":
         read = [row for row in rows if row["p_a"] is not None]
         result["p_a_read"] = len(read)
@@ -303,13 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=96, help="pointwise tokens decoded by both")
     parser.add_argument("--full-depth", choices=("3B", "7B"), default=None,
                         help="the released size's every layer instead of --text-layers / --vision-layers")
+    parser.add_argument("--vision", nargs="+", default=["mtmd"], choices=("mtmd", "torch", "torch-bf16"),
+                        help="dfj's image encoders to run, the first one compared with the server in full")
     parser.add_argument("--work", type=Path, default=None, help="where the bench judge is built (default: dfj cache)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from dfj.tiny import default_cache
 
     emit(run(args.mode, args.quant, args.work or default_cache() / "speed", args.text_layers, args.vision_layers,
-             args.images, args.new_tokens, args.full_depth), args.out)
+             args.images, args.new_tokens, args.full_depth, tuple(args.vision)), args.out)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def judge(
     mode: Optional[str] = typer.Option(None, help="pointwise or pairwise, when the source does not say."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the reference limit (512 pointwise, 128 pairwise)."),
     bf16: Optional[str] = typer.Option(None, "--bf16", help="torch on CPU: run these parts of a float32 judge in bfloat16 (vision, head; comma-separated): faster where the CPU has AMX or AVX512_BF16, lossy (docs/formats.md)."),
+    vision: Optional[str] = typer.Option(None, "--vision", help="llamacpp: the image encoder, mtmd (default), torch (the mmproj's weights in transformers' tower: faster on images, needs torch) or torch-bf16 (lossy; AMX or AVX512_BF16)."),
     engine: str = typer.Option("local", "--engine", help="--data/--jsonl: local (this process) or ray (a Ray Data actor pool; the ray extra)."),
     address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster to join (default: start a local Ray instance)."),
     actors: int = typer.Option(1, "--actors", help="--engine ray: judges loaded at once (each loads the artifact once)."),
@@ -97,8 +98,8 @@ def judge(
     if engine not in ("local", "ray"):
         _fail(f"--engine must be local or ray, not {engine!r}")
     if engine == "ray":
-        if bf16:
-            _fail("--bf16 is for --engine local")
+        if bf16 or vision:
+            _fail("--bf16 and --vision are for --engine local")
         if batch_input is None:
             _fail("--engine ray judges files: give --data or --jsonl with --out")
         _judge_on_ray(artifact, batch_input, out, resume, force, expected, swap_check, image_root, address=address, actors=actors,
@@ -106,7 +107,9 @@ def judge(
                       dtype=dtype, mode=mode, max_new_tokens=max_new_tokens, pairwise=pairwise,
                       public_key=str(require_signature) if require_signature else None)
         return
-    options = {"bf16": tuple(part.strip() for part in bf16.split(",") if part.strip())} if bf16 else {}
+    options: dict[str, Any] = {"bf16": tuple(part.strip() for part in bf16.split(",") if part.strip())} if bf16 else {}
+    if vision:
+        options["vision"] = vision
     with _reported():
         j = dfj.load_judge(artifact, runtime=runtime, device=device, dtype=dtype, mode=mode, max_new_tokens=max_new_tokens,
                            pairwise=pairwise, public_key=require_signature, **options)

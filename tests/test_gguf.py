@@ -1,6 +1,7 @@
 """GGUF export and the llama.cpp runtime, against transformers, on the trained tiny judges."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from typer.testing import CliRunner
 import dfj
 from dfj.cli import app
 from dfj.export import export
-from dfj.pipeline import build
 from dfj.images import fit_to_grid
 from dfj.manifest import read_manifest, verify
 
@@ -20,15 +20,11 @@ RECORDS = 16  # held-out records per mode for the f32 / f16 checks
 
 
 @pytest.fixture(scope="module")
-def gguf(module_dir):
+def gguf(module_dir, trained_gguf):
     from dfj.tiny import trained_tiny_judge
 
-    root = module_dir("gguf")
-    built = {}
-    for mode in ("pointwise", "pairwise"):
-        for quant in ("f32", "f16"):
-            built[mode, quant] = build(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
-    built["merged"] = export(trained_tiny_judge("pointwise"), root / "merged", "none", dtype="float32")
+    built = {(mode, quant): trained_gguf(mode, quant) for mode in ("pointwise", "pairwise") for quant in ("f32", "f16")}
+    built["merged"] = export(trained_tiny_judge("pointwise"), module_dir("gguf") / "merged", "none", dtype="float32")
     return built
 
 
@@ -144,6 +140,80 @@ def test_f32_vision_embeddings_match_transformers(gguf, judges, size):
     theirs = getattr(out, "pooler_output", out).reshape(ours.shape).numpy()
     cosine = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs, axis=-1)
     assert cosine.min() >= 0.9999, cosine.min()
+
+
+def test_the_torch_vision_encoder_is_the_mmprojs_tower_read_back(gguf, judges):
+    """`vision="torch"` puts the mmproj's tensors back through the export's plan: on an f32 artifact every
+    weight is the merged checkpoint's, bit for bit, and the embeddings are transformers' (cosine 1 - 1e-6,
+    closer than mtmd's masked attention gets); bf16 arithmetic stays inside the bench's vision gate."""
+    import gguf as gguf_lib
+    from PIL import Image
+
+    from dfj.artifact.checkpoint import Checkpoint
+    from dfj.runtime.llamacpp.torch_vision import tower_weights, vision_config
+    from dfj.tolerances import BENCH
+
+    reader = gguf_lib.GGUFReader(gguf["pointwise", "f32"] / "mmproj.gguf")
+    merged = Checkpoint(gguf["merged"])
+    visual = {key.removeprefix("model.").removeprefix("visual."): key for key in merged.keys() if ".visual." in f".{key}"}
+    weights = dict(tower_weights(reader, vision_config(reader), {k: tuple(merged.shapes[v]) for k, v in visual.items()}))
+    assert weights.keys() == visual.keys()
+    assert all(np.array_equal(weights[k], merged.read(v).float().numpy()) for k, v in visual.items())
+
+    rng = np.random.default_rng(5)
+    image = fit_to_grid(Image.fromarray(rng.integers(0, 256, (300, 448, 3), dtype=np.uint8), "RGB"))
+    reference = judges(gguf["merged"]).runtime
+    inputs = reference.processor.image_processor(images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        out = reference.model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    theirs = getattr(out, "pooler_output", out).numpy()
+
+    def cosines(encoder: str) -> np.ndarray:  # per image token
+        judge = judges(gguf["pointwise", "f32"], vision=encoder)
+        assert judge.runtime.describe()["vision_encoder"] == encoder
+        ours = judge.runtime.embed_images([judge.prompt(image, "fake", "a response")])[0]
+        return (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs, axis=-1)
+
+    torch_cos, mtmd_cos = cosines("torch").min(), cosines("mtmd").min()
+    assert torch_cos >= 1 - 1e-6 and torch_cos >= mtmd_cos, (torch_cos, mtmd_cos)
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        assert 1 - cosines("torch-bf16").mean() <= BENCH.vision_cos  # the bench's gate, as it measures
+
+
+def test_the_torch_vision_encoder_judges_as_the_reference_on_every_record(gguf, judges, records, reference_outputs):
+    """The torch encoder's embeddings go where mtmd's went: the f32 artifact's greedy text stays the
+    reference's token for token, and p_a moves by no more than the vision arithmetic does."""
+    for mode in ("pointwise", "pairwise"):
+        verdicts = judges(gguf[mode, "f32"], vision="torch").judge_many(records[mode])
+        assert [v.text for v in verdicts] == [v.text for v in reference_outputs[mode]]
+        if mode == "pairwise":
+            mtmd = judges(gguf[mode, "f32"]).judge_many(records[mode])
+            assert max(abs(a.p_a - b.p_a) for a, b in zip(verdicts, mtmd)) <= 1e-3
+
+
+def test_the_vision_encoder_option_is_checked_before_anything_loads(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from dfj.images import PixelLimits
+    from dfj.runtime.llamacpp.torch_vision import TorchVision, vision_config
+    from dfj.runtime.options import LlamaCppOptions
+
+    with pytest.raises(ValueError, match="vision must be one of mtmd, torch, torch-bf16, not 'onnx'"):
+        LlamaCppOptions.parse("llama.cpp", {"vision": "onnx"})
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="multiplies bf16 only by emulation"):
+        TorchVision(tmp_path / "absent.gguf", PixelLimits(), "torch-bf16")
+
+    def reader(**fields):
+        return SimpleNamespace(fields={k: SimpleNamespace(contents=lambda v=v: v) for k, v in fields.items()})
+
+    with pytest.raises(ValueError, match="not 'llava'"):
+        vision_config(reader(**{"clip.projector_type": "llava"}))
+    with pytest.raises(ValueError, match="SiLU"):
+        vision_config(reader(**{"clip.projector_type": "qwen2.5vl_merger", "clip.use_gelu": True}))
+    with pytest.raises(ValueError, match="lacks clip.vision.block_count"):
+        vision_config(reader(**{"clip.projector_type": "qwen2.5vl_merger", "clip.use_silu": True}))
 
 
 def _kld(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -287,7 +357,11 @@ def test_export_gate_refuses_a_mis_mapped_tensor(gguf, monkeypatch, tmp_path):
 def test_cli_batch_judges_a_gguf_artifact_as_the_merged_model(gguf, tmp_path):
     from dfj.tiny import trained_tiny_split
 
-    split = trained_tiny_split("pointwise", "test")
+    # The split's first 48 lines (10 of its 40 images, a group of five responses on each but the last):
+    # grouped batches through the command, at a quarter of the time of all 200.
+    source, split = trained_tiny_split("pointwise", "test"), tmp_path / "split"
+    shutil.copytree(source / "images", split / "images")
+    (split / "data.jsonl").write_bytes(b"".join((source / "data.jsonl").read_bytes().splitlines(keepends=True)[:48]))
     runner = CliRunner()
     outputs = {}
     for name, artifact in (("gguf", gguf["pointwise", "f32"]), ("merged", gguf["merged"])):
@@ -295,7 +369,7 @@ def test_cli_batch_judges_a_gguf_artifact_as_the_merged_model(gguf, tmp_path):
         result = runner.invoke(app, ["judge", str(artifact), "--data", str(split), "--out", str(out)])
         assert result.exit_code == 0, result.output
         outputs[name] = [json.loads(line)["dfj"] for line in out.read_text(encoding="utf-8").splitlines()]
-    assert len(outputs["gguf"]) > 20
+    assert len(outputs["gguf"]) == 48
     without = {name: [{k: v for k, v in row.items() if k != "provenance"} for row in rows] for name, rows in outputs.items()}
     assert without["gguf"] == without["merged"]
     # Each line names the judge that gave it: another artifact and runtime, another run.
@@ -310,14 +384,14 @@ QUANT_BOUNDS = {"q8_0": {"kld": 0.001, "top1": 0.99, "agree": 0.95}, "q4_k_m": {
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
-def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
+def test_quantized_gguf_stays_within_stated_bounds(trained_gguf, module_dir, mode):
     from dfj.bench.run import BenchJudge, run_bench
     from dfj.tiny import trained_tiny_judge, trained_tiny_split
 
     root = module_dir(f"gguf-quant-{mode}")
-    adapter = trained_tiny_judge(mode)
-    artifacts = [BenchJudge(str(build(adapter, root / q, f"gguf-{q}")), "llamacpp", label=q) for q in QUANT_BOUNDS]
-    report = run_bench(BenchJudge(str(adapter), "torch", label="reference"), artifacts,
+    built = {q: trained_gguf(mode, q) for q in QUANT_BOUNDS}  # quantized from the f16 export, as the shortcut does
+    artifacts = [BenchJudge(str(folder), "llamacpp", label=q) for q, folder in built.items()]
+    report = run_bench(BenchJudge(str(trained_tiny_judge(mode)), "torch", label="reference"), artifacts,
                        trained_tiny_split(mode, "test"), root / "report", limit=24)
     measured = {}
     for entry in report.artifacts:
@@ -327,7 +401,7 @@ def test_quantized_gguf_stays_within_stated_bounds(module_dir, mode):
         assert entry.error is None, entry.error
         assert parity["tokens"] > 24 and parity["kld_mean"] <= bounds["kld"], parity
         assert parity["top1_agreement"] >= bounds["top1"] and entry.agreement >= bounds["agree"], entry
-        assert read_manifest(root / entry.name).quant == f"gguf-{entry.name}"
+        assert read_manifest(built[entry.name]).quant == f"gguf-{entry.name}"
     print(f"\n{mode} GGUF quantization vs torch fp32: {json.dumps(measured)}")
     assert measured["q4_k_m"]["bytes"] < measured["q8_0"]["bytes"]
 
@@ -337,7 +411,7 @@ def test_tensor_map_is_complete_for_the_real_configurations(size):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from dfj.tiny.full_depth import judge_config, real_shapes
-    from dfj.export.gguf import plan_tensors
+    from dfj.tensor_names import plan_tensors
 
     text, vision = real_shapes(size)  # the released judges' shapes: the 3B ties its head, the 7B does not
     tied = text["tie_word_embeddings"]
@@ -370,7 +444,8 @@ def test_tensor_map_is_complete_for_the_real_configurations(size):
 def test_a_shallow_vision_tower_maps_its_projector_and_an_all_full_attention_one_is_refused(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dfj.export.gguf import _vision_metadata, plan_tensors
+    from dfj.tensor_names import plan_tensors
+    from dfj.export.gguf import _vision_metadata
     from dfj.tiny.full_depth import judge_config, real_shapes
 
     for depth in (1, 2):  # the projector's linears are mm.0 / mm.2 whatever the depth

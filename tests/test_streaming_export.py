@@ -12,8 +12,9 @@ from dfj import hf
 from benchmarks.memory import measure
 from dfj.export import merge
 from dfj.artifact.checkpoint import Checkpoint
+from dfj.tensor_names import canonical_key
 from dfj.artifact.probe import bounded_probe_logits
-from dfj.export.lora_merge import adapter_probe_logits, canonical_key, stream_merge
+from dfj.export.lora_merge import adapter_probe_logits, stream_merge
 from dfj.manifest import ArtifactError, read_manifest
 
 pytestmark = pytest.mark.slow

@@ -2,10 +2,10 @@
 
 Written with the PyPI `gguf` package: its `TensorNameMap` names every Hugging Face tensor, and its
 writer takes the tensors one at a time as they are read from the memory-mapped checkpoint (peak
-memory is the biggest tensor, not the model). Only what llama.cpp expects and no library does is done
-here: the vision qkv is split into q/k/v, the Conv3D patch embedding into its two temporal kernels,
-and the M-RoPE sections are padded to four. A tensor the map does not know is an error, never
-dropped. This module writes the lossless files (f32, f16); K-quants and Q8_0 are a stage of their own
+memory is the biggest tensor, not the model). Which GGUF tensor each checkpoint tensor becomes (the
+vision qkv split into q/k/v, the Conv3D patch embedding into its two temporal kernels; a tensor the
+map does not know is an error, never dropped) is `dfj.tensor_names`, which the llama.cpp
+runtime also reads the mmproj back with; the M-RoPE sections are padded to four here. This module writes the lossless files (f32, f16); K-quants and Q8_0 are a stage of their own
 (`dfj.quant.gguf`, llama.cpp's quantizer). The mmproj is f16 (f32 for `gguf-f32`).
 
 The LoRA is merged first (streamed, with the merge's own parity check); the result is checked against
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,8 @@ import numpy as np
 
 from dfj import hf, tolerances
 from dfj.artifact.checkpoint import Checkpoint
-from dfj.export.lora_merge import adapter_record, canonical_key
+from dfj.tensor_names import GgufTensor, plan_tensors
+from dfj.export.lora_merge import adapter_record
 from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits
 from dfj.manifest import write_manifest
@@ -42,69 +42,6 @@ WARMUP_IMAGE_SIZE = 560
 # fails loudly ("prompt needs N positions").
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One GGUF tensor: its name, the checkpoint key it comes from and how it is cut out of it."""
-
-    name: str
-    key: str
-    shape: tuple[int, ...]
-    take: Callable[[np.ndarray], np.ndarray] | None = None
-
-
-def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> tuple[list[PlannedTensor], list[PlannedTensor]]:
-    """(text tensors, vision tensors) for a Qwen2.5-VL checkpoint given its {key: shape}."""
-    import gguf
-
-    text_config = config.get("text_config", config)
-    vision_config = config["vision_config"]
-    tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
-    text_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2VL, text_config["num_hidden_layers"])
-    # The projector's linears (merger.mlp.0 / .2 -> mm.0 / mm.2) are named through the block-indexed
-    # map, so it must cover index 2 even for a vision tower of fewer than three blocks.
-    vision_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vision_config["depth"], 3))
-    text: list[PlannedTensor] = []
-    vision: list[PlannedTensor] = []
-    unknown: list[str] = []
-    for key in sorted(shapes):
-        name_key, shape = canonical_key(key), tuple(shapes[key])
-        if name_key.startswith("visual."):
-            name = vision_map.get_name(name_key, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                unknown.append(key)
-            elif name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
-                third = shape[0] // 3
-                for index, part in enumerate("qkv"):
-                    vision.append(PlannedTensor(name.replace("attn_qkv", f"attn_{part}"), key, (third, *shape[1:]),
-                                                lambda a, i=index, n=third: a[i * n:(i + 1) * n]))
-            elif name == "v.patch_embd.weight":
-                if len(shape) != 5 or shape[2] != 2:
-                    raise ValueError(f"{key}: expected a Conv3D kernel with temporal size 2, got shape {shape}")
-                for index, suffix in enumerate(("", ".1")):  # llama.cpp runs the two temporal slices as 2-D convs
-                    vision.append(PlannedTensor(name + suffix, key, (shape[0], shape[1], *shape[3:]),
-                                                lambda a, i=index: a[:, :, i]))
-            else:
-                vision.append(PlannedTensor(name, key, shape))
-        else:
-            name = text_map.get_name(name_key, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                unknown.append(key)
-            elif name == "output.weight" and tied:
-                continue  # llama.cpp reads a tied head from token_embd
-            else:
-                text.append(PlannedTensor(name, key, shape))
-    if unknown:
-        raise ValueError(f"tensors with no GGUF name (refusing to drop them): {', '.join(unknown[:10])}"
-                         + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-    names = {t.name for t in text}
-    missing = {"token_embd.weight", "output_norm.weight"} - names
-    if not tied and "output.weight" not in names:
-        missing.add("output.weight")
-    if missing:
-        raise ValueError(f"checkpoint lacks {', '.join(sorted(missing))}")
-    return text, vision
-
-
 def _torch_dtypes() -> dict[type, Any]:
     import torch
 
@@ -116,7 +53,7 @@ def _gguf_dtype(shape: tuple[int, ...], dtype: str) -> type:
     return np.float16 if dtype == "f16" and len(shape) > 1 else np.float32
 
 
-def _write(path: Path, arch: str, metadata: Callable[[Any], None], tensors: list[PlannedTensor],
+def _write(path: Path, arch: str, metadata: Callable[[Any], None], tensors: list[GgufTensor],
            read: Callable[[str], Any], dtype: str) -> None:
     """Stream `tensors` into a GGUF file: infos first, then one tensor in memory at a time."""
     import gguf

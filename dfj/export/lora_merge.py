@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from dfj import hf, tolerances
 from dfj.artifact.checkpoint import Checkpoint, PlannedTensor, torch_dtype_code, write_shards
+from dfj.tensor_names import canonical_key
 from dfj.artifact.probe import PROBE_MEMORY_BYTES, bounded_probe_logits, compare_logits, lossless_tolerance
 from dfj.artifact.staging import staged_folder
 from dfj.images import PixelLimits
@@ -40,16 +41,6 @@ LOSSLESS_DTYPES = ("float32",)
 # reaches them. 2 GB holds a 7B judge's vision tower in bf16 and leaves the export under 4 GB.
 # Files of a model folder besides its weights that the artifact carries (the processor is re-saved).
 _MODEL_FILES = ("config.json", "generation_config.json")
-
-
-def canonical_key(key: str) -> str:
-    """One name per tensor whatever the layout: transformers 5 nests the towers under `model.`
-    (`model.language_model.layers.0…`, `model.visual…`); hub checkpoints use `model.layers.0…`, `visual…`."""
-    if key.startswith("model.language_model."):
-        return "model." + key.removeprefix("model.language_model.")
-    if key.startswith("model.visual."):
-        return key.removeprefix("model.")
-    return key
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from typing import Any, Literal, Mapping, TypeVar, get_args
 
 from dfj.images import PixelLimits
 
+# The llama.cpp runtime's image encoders (dfj.runtime.llamacpp.torch_vision).
+VisionEncoder = Literal["mtmd", "torch", "torch-bf16"]
+
 # Parts of a float32 judge the torch runtime may run in bfloat16 on a CPU that multiplies bf16 natively.
 Bf16Part = Literal["vision", "head"]
 
@@ -63,9 +66,14 @@ class LlamaCppOptions(RuntimeOptions):
     context: int | None = None  # KV positions (default: the runtime's DEFAULT_CONTEXT)
     threads: int | None = None  # CPU threads (default: llama.cpp's)
     normalizer: Normalizer | None = "manifest"
+    # The image encoder: llama.cpp's mtmd, or the mmproj's weights in transformers' tower (float32, or
+    # bfloat16 on a CPU with native bf16 products; dfj.runtime.llamacpp.torch_vision): faster on images.
+    vision: VisionEncoder = "mtmd"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.vision not in get_args(VisionEncoder):
+            raise ValueError(f"vision must be one of {', '.join(get_args(VisionEncoder))}, not {self.vision!r}")
         for name in ("context", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -1,5 +1,6 @@
 """mtmd, llama.cpp's multimodal library: a prompt's image block as an image chunk, its encoding by the
-mmproj (cached by pixels), and its embeddings placed in a text context with Qwen2.5-VL's M-RoPE positions.
+mmproj (cached by pixels; or by the torch tower, `torch_vision.py`), and its embeddings placed in a
+text context with Qwen2.5-VL's M-RoPE positions.
 
 The image arrives already at its model size (`dfj.images.fit_to_grid`) and mtmd's token limits are the
 judge's pixel limits, so mtmd copies it without resampling. Only the block's media marker is given to
@@ -21,6 +22,7 @@ import numpy as np
 from dfj.images import PATCH_FACTOR, PixelLimits, fit_to_grid
 from dfj.prompts import image_block
 from dfj.runtime.base import Prompt
+from dfj.runtime.llamacpp.torch_vision import VisionEncoder
 
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 VISION_ENTRIES = 16  # image encodings kept
@@ -39,11 +41,12 @@ class ImagePrompt:
     image_key: str
     chunks: Any  # mtmd_input_chunks (owns the image chunk)
     image_chunk: Any
+    image: Any = None  # the image at its model size (PIL), for an encoder other than mtmd
 
 
 class Vision:
     def __init__(self, llama_cpp, model, mmproj: Path, limits: PixelLimits, threads: int, gpu: bool, exact: bool,
-                 seconds: dict[str, float], stats: dict[str, int]) -> None:
+                 seconds: dict[str, float], stats: dict[str, int], encoder: VisionEncoder = "mtmd") -> None:
         from llama_cpp import mtmd_cpp
 
         self.llama_cpp, self.mtmd, self.model, self.limits = llama_cpp, mtmd_cpp, model, limits
@@ -64,6 +67,14 @@ class Vision:
         if not self.ctx:
             raise RuntimeError(f"llama.cpp (mtmd) could not load {mmproj}")
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> mmproj output
+        # mtmd still cuts the image chunk and places it (its token count and M-RoPE positions); the torch
+        # encoder only computes the embeddings (torch_vision.py says why).
+        self.encoder = encoder
+        self.torch_vision = None
+        if encoder != "mtmd":
+            from dfj.runtime.llamacpp.torch_vision import TorchVision
+
+            self.torch_vision = TorchVision(mmproj, limits, encoder)
 
     def split(self, prepared: Prompt, block_ids: tuple[int, int, int], context_length: int) -> ImagePrompt:
         """The prepared ids split at their image block (`block_ids`: vision start, image pad, vision
@@ -94,7 +105,8 @@ class Vision:
             self.mtmd.mtmd_bitmap_free(bitmap)
         built = ImagePrompt(ids[:at], ids[at + 1:], max(0, prepared.head - (at + 1)),
                             self.mtmd.mtmd_input_chunk_get_n_tokens(image_chunk),
-                            self.mtmd.mtmd_input_chunk_get_n_pos(image_chunk), prepared.image_key, chunks, image_chunk)
+                            self.mtmd.mtmd_input_chunk_get_n_pos(image_chunk), prepared.image_key, chunks, image_chunk,
+                            image if self.torch_vision is not None else None)
         needed = len(built.head) + built.image_positions + len(built.tail)
         if needed > context_length:
             self.free(built)
@@ -132,11 +144,17 @@ class Vision:
             return cached
         self.stats["vision_misses"] += 1
         started = time.perf_counter()
-        if self.mtmd.mtmd_encode_chunk(self.ctx, prompt.image_chunk) != 0:
-            raise RuntimeError("mtmd could not encode the image")
         width = self.llama_cpp.llama_model_n_embd_inp(self.model)
-        pointer = self.mtmd.mtmd_get_output_embd(self.ctx)
-        embeddings = np.ctypeslib.as_array(pointer, shape=(prompt.image_tokens, width)).copy()
+        if self.torch_vision is not None:
+            embeddings = np.ascontiguousarray(self.torch_vision.encode(prompt.image), dtype=np.float32)
+            if embeddings.shape != (prompt.image_tokens, width):
+                raise RuntimeError(f"the torch vision tower gave {embeddings.shape} embeddings; mtmd's image chunk "
+                                   f"holds {prompt.image_tokens} tokens of width {width}")
+        else:
+            if self.mtmd.mtmd_encode_chunk(self.ctx, prompt.image_chunk) != 0:
+                raise RuntimeError("mtmd could not encode the image")
+            pointer = self.mtmd.mtmd_get_output_embd(self.ctx)
+            embeddings = np.ctypeslib.as_array(pointer, shape=(prompt.image_tokens, width)).copy()
         self.seconds["vision"] += time.perf_counter() - started
         self._embeddings[prompt.image_key] = embeddings
         while len(self._embeddings) > VISION_ENTRIES:

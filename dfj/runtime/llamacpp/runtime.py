@@ -28,6 +28,7 @@ from dfj.runtime.base import Prompt, Runtime, Scores, Scoring, by_group, check_c
 from dfj.runtime.llamacpp.context import BATCH, TextContext
 from dfj.runtime.llamacpp.images import ImagePrompt, Vision
 from dfj.runtime.llamacpp.library import cpu_backend, quiet_llama
+from dfj.runtime.llamacpp.torch_vision import VisionEncoder
 from dfj.version import package_version
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -57,7 +58,7 @@ class LlamaCppRuntime(Runtime):
     name = "llamacpp"
 
     def __init__(self, folder: Path, limits: PixelLimits, device: str = "cpu", context: int = DEFAULT_CONTEXT,
-                 threads: int | None = None, normalizer: str | None = "manifest") -> None:
+                 threads: int | None = None, normalizer: str | None = "manifest", vision: VisionEncoder = "mtmd") -> None:
         llama_cpp = quiet_llama(folder / GGUF_TEXT_FILE)
         self.llama_cpp = llama_cpp
         self.folder, self.limits, self.device = folder, limits, device
@@ -65,6 +66,8 @@ class LlamaCppRuntime(Runtime):
         gpu = device.startswith("cuda")
         if gpu and not llama_cpp.llama_supports_gpu_offload():
             raise RuntimeError("device='cuda' needs llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
+        if gpu and vision != "mtmd":
+            raise ValueError(f"vision={vision!r} encodes on the CPU; with device='cuda' mtmd encodes on the GPU")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 999 if gpu else 0
         self.model = llama_cpp.llama_model_load_from_file(str(folder / GGUF_TEXT_FILE).encode(), model_params)
@@ -79,7 +82,7 @@ class LlamaCppRuntime(Runtime):
         self.stats = {"vision_hits": 0, "vision_misses": 0, "prefix_hits": 0, "prefix_misses": 0}
         self.text = TextContext(llama_cpp, self.model, self.context_length, threads, GROUP_SIZE, exact)
         self.vision = Vision(llama_cpp, self.model, folder / GGUF_MMPROJ_FILE, limits, threads, gpu, exact,
-                             self.seconds, self.stats)
+                             self.seconds, self.stats, encoder=vision)
         self.normalizer = _normalizer(folder) if normalizer == "manifest" else normalizer
         self.stop_ids = {self.tokenize(t, True)[0] for t in STOP_TOKENS}
         self.block_ids = tuple(self.tokenize(t, True)[0] for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
@@ -88,7 +91,8 @@ class LlamaCppRuntime(Runtime):
     @classmethod
     def load(cls, source: Any, device: str = "cpu", dtype: str | None = None, **options: Any) -> "LlamaCppRuntime":
         """Options: `dfj.runtime.options.LlamaCppOptions` (`limits`, `context` positions (default 8,192),
-        `threads`, `normalizer`: the source tokenizer's Unicode normalisation, default as the manifest records)."""
+        `threads`, `normalizer`: the source tokenizer's Unicode normalisation, default as the manifest records;
+        `vision`: the image encoder, "mtmd" (default), "torch" or "torch-bf16" (torch_vision.py))."""
         from dfj.runtime.options import LlamaCppOptions
 
         opts = LlamaCppOptions.parse("llama.cpp", options)
@@ -99,7 +103,7 @@ class LlamaCppRuntime(Runtime):
             raise ValueError(f"{source.name} is not a dfj GGUF artifact ({GGUF_TEXT_FILE} + {GGUF_MMPROJ_FILE}); "
                              "export one with --quant gguf-f16")
         return cls(folder, opts.limits or source.limits, device=device, context=opts.context or DEFAULT_CONTEXT,
-                   threads=opts.threads, normalizer=opts.normalizer)
+                   threads=opts.threads, normalizer=opts.normalizer, vision=opts.vision)
 
     def close(self) -> None:
         """Free the native objects now (they are also freed when the runtime is collected)."""
@@ -285,7 +289,8 @@ class LlamaCppRuntime(Runtime):
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "device": self.device, "context": self.context_length,
-                "llama_cpp_python": package_version("llama_cpp_python"), **cpu_backend().describe()}
+                "vision_encoder": self.vision.encoder, "llama_cpp_python": package_version("llama_cpp_python"),
+                **cpu_backend().describe()}
 
 
 def _normalizer(folder: Path) -> str | None:
