@@ -8,7 +8,7 @@
 # GGML_BACKEND_PATH (dfj's runtime picks the level; `python -m dfj.runtime.llamacpp.library` prints it).
 # Kept in $DFJ_CACHE/llama-tools-<build>/bin, staged and renamed into place; a second run returns at once.
 #
-#   scripts/build-llama-tools.sh            # about 15 minutes on 2 cores, once; prints the folder
+#   scripts/build-llama-tools.sh            # about 5 minutes on 2 cores, once; prints the folder
 #   scripts/build-llama-tools.sh --where    # prints the folder if it is built, else exits 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +46,7 @@ tar -xzf "$SDIST" -C "$work" "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.c
 src=$work/llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp
 echo "dfj: building llama-server and llama-mtmd-cli from llama.cpp in llama-cpp-python $LLAMA_CPP_VERSION (log: $work/build.log)" >&2
 if ! { cmake -S "$src" -B "$work/build" "${CMAKE_FLAGS[@]}" &&
-       cmake --build "$work/build" -j "$(nproc)" --target llama-server llama-mtmd-cli llama-tokenize; } > "$work/build.log" 2>&1; then
+       cmake --build "$work/build" -j "$(nproc)" --target llama-server llama-mtmd-cli; } > "$work/build.log" 2>&1; then
     tail -40 "$work/build.log" >&2
     echo "dfj: llama.cpp tools build failed" >&2
     exit 1

@@ -64,8 +64,11 @@ def merged(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_gguf(tmp_path_factory):
-    """GGUF artifacts of the trained tiny judges, built once per session: trained_gguf('pairwise', 'q8_0')."""
-    from dfj.pipeline import build
+    """GGUF artifacts of the trained tiny judges, built once per session: trained_gguf('pairwise', 'q8_0').
+    Each mode is exported once (f16, or f32); its K-quants and Q8_0 are quantized from that f16, as
+    `dfj export --quant gguf-q8_0` does in one command."""
+    from dfj.export import export
+    from dfj.quant import quantize
     from dfj.tiny import trained_tiny_judge
 
     root = tmp_path_factory.mktemp("trained-gguf")
@@ -73,7 +76,10 @@ def trained_gguf(tmp_path_factory):
 
     def get(mode: str, quant: str = "q8_0") -> Path:
         if (mode, quant) not in built:
-            built[mode, quant] = build(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
+            if quant in ("f32", "f16"):
+                built[mode, quant] = export(trained_tiny_judge(mode), root / f"{mode}-{quant}", f"gguf-{quant}")
+            else:
+                built[mode, quant] = quantize(get(mode, "f16"), root / f"{mode}-{quant}", f"gguf-{quant}")
         return built[mode, quant]
 
     return get

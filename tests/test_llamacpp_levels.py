@@ -26,11 +26,8 @@ print(json.dumps({"described": judge.runtime.describe(), "choices": [v.choice fo
 
 
 @pytest.fixture(scope="module")
-def q8(module_dir):
-    from dfj.pipeline import build
-    from dfj.tiny import trained_tiny_judge
-
-    return build(trained_tiny_judge("pairwise"), module_dir("levels") / "q8_0", "gguf-q8_0")
+def q8(trained_gguf):
+    return trained_gguf("pairwise", "q8_0")
 
 
 def _judge(q8, cache, **env):
