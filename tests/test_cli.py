@@ -104,6 +104,20 @@ def test_a_refused_option_is_reported_once(tiny):
     assert result.output.count("error:") == 1 and "--expected-score for pointwise judges" in result.output
 
 
+@pytest.mark.slow
+def test_the_image_encoder_option_is_for_gguf_judges_run_here(tiny, tmp_path):
+    """`--vision` reaches the runtime's typed options: a torch judge names what it takes instead; the Ray
+    engine, whose actors load judges elsewhere, refuses it before starting."""
+    result = runner.invoke(app, ["judge", str(tiny("pairwise")), "--image", "x.png", "--label", "fake", "--response", "a",
+                                 "--response-b", "b", "--vision", "torch"])
+    assert result.exit_code != 0 and "unknown torch runtime options: vision" in result.output, result.output
+    data = tmp_path / "data.jsonl"
+    data.write_text("")
+    result = runner.invoke(app, ["judge", str(tiny("pairwise")), "--jsonl", str(data), "--out", str(tmp_path / "o.jsonl"),
+                                 "--engine", "ray", "--vision", "torch-bf16"])
+    assert result.exit_code == 2 and "--bf16 and --vision are for --engine local" in result.output
+
+
 @pytest.mark.parametrize("command", [*COMMANDS, "probe injection"])
 def test_boolean_options_show_as_flags_in_help(command):
     result = runner.invoke(app, [*command.split(), "--help"], prog_name="dfj", terminal_width=200)
