@@ -34,23 +34,16 @@ SIZES = ((224, 224), (1024, 484), (1083, 512), (1036, 952), (56, 3000), (1120, 8
 
 def reference_tower(base: Path):
     """transformers' vision tower and merger in float32 with the base checkpoint's `visual.*` weights."""
-    import torch
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
-                                                                    Qwen2_5_VLVisionRotaryEmbedding)
 
     from dfj.artifact.checkpoint import Checkpoint
+    from dfj.runtime.llamacpp.torch_vision import vision_tower
     from dfj.tensor_names import canonical_key
 
-    config = Qwen2_5_VLConfig.from_pretrained(base).vision_config
-    with torch.device("meta"):
-        tower = Qwen2_5_VisionTransformerPretrainedModel(config)
     checkpoint = Checkpoint(base)
-    state = {canonical_key(key).removeprefix("visual."): checkpoint.read(key).float()
-             for key in checkpoint.keys() if canonical_key(key).startswith("visual.")}
-    tower.load_state_dict(state, strict=True, assign=True)
-    tower.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config)
-    return tower.eval()
+    return vision_tower(Qwen2_5_VLConfig.from_pretrained(base).vision_config, lambda shapes: (
+        (canonical_key(key).removeprefix("visual."), checkpoint.read(key).float())
+        for key in checkpoint.keys() if canonical_key(key).startswith("visual.")))
 
 
 def scene(size: tuple[int, int], seed: int):

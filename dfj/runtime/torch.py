@@ -171,7 +171,9 @@ def _bf16_parts(model, device: str, parts: tuple[str, ...]) -> None:
         raise ValueError(f"bf16 parts are for the CPU runtime; on {device} the whole judge runs in bf16 (dtype)")
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("bf16 parts are for a float32 judge")
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    from dfj.runtime.torch_packed import multiplies_bf16_natively
+
+    if not multiplies_bf16_natively():
         raise ValueError("this CPU multiplies bf16 only by emulation (no AMX, no AVX512_BF16): bf16 parts would be "
                          "slower than float32, not faster")
     if "vision" in parts:

@@ -73,6 +73,12 @@ def _is_patch_conv(module: torch.nn.Module, patch_embed_type: type) -> bool:
             and conv.groups == 1 and conv.weight.dtype in PACKABLE)
 
 
+def multiplies_bf16_natively() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512_BF16); elsewhere oneDNN emulates
+    bf16, slower than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def why_not_packable(model: torch.nn.Module, device: str) -> str | None:
     """None when `model`'s linear layers can be packed here, else the reason."""
     if not device.startswith("cpu"):

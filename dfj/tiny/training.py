@@ -147,7 +147,9 @@ def head_dtype():
 
     import torch
 
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    from dfj.runtime.torch_packed import multiplies_bf16_natively
+
+    native = multiplies_bf16_natively()
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _EMULATED_BF16_ISAS
     return torch.bfloat16 if native and not capped else torch.float32
 

@@ -22,7 +22,7 @@ import numpy as np
 from dfj.images import PATCH_FACTOR, PixelLimits, fit_to_grid
 from dfj.prompts import image_block
 from dfj.runtime.base import Prompt
-from dfj.runtime.llamacpp.torch_vision import VisionEncoder
+from dfj.runtime.options import VisionEncoder
 
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 VISION_ENTRIES = 16  # image encodings kept

@@ -28,7 +28,7 @@ from dfj.runtime.base import Prompt, Runtime, Scores, Scoring, by_group, check_c
 from dfj.runtime.llamacpp.context import BATCH, TextContext
 from dfj.runtime.llamacpp.images import ImagePrompt, Vision
 from dfj.runtime.llamacpp.library import cpu_backend, quiet_llama
-from dfj.runtime.llamacpp.torch_vision import VisionEncoder
+from dfj.runtime.options import VisionEncoder
 from dfj.version import package_version
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")

@@ -19,7 +19,7 @@ It needs torch and transformers (the `torch` extra) and holds the tower's weight
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -78,6 +78,26 @@ def tower_weights(reader, settings: dict[str, Any], shapes: dict[str, tuple[int,
         yield key.removeprefix("visual."), value
 
 
+def vision_tower(config, weights: Callable[[dict[str, tuple[int, ...]]], Iterable[tuple[str, Any]]]):
+    """transformers' Qwen2.5-VL vision tower and merger for `config` (a Qwen2_5_VLVisionConfig), built on
+    the meta device and given the tensors `weights(shapes)` yields (its {key: shape} in, (key, tensor)
+    pairs out), strictly: every key once, nothing left on the meta device."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
+                                                                    Qwen2_5_VLVisionRotaryEmbedding)
+
+    from dfj import hf
+
+    with hf.quiet_transformers(), torch.device("meta"):
+        model = Qwen2_5_VisionTransformerPretrainedModel(config)
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    model.load_state_dict(dict(weights(shapes)), strict=True, assign=True)
+    model.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config)  # a buffer computed, not stored
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise AssertionError("the vision tower kept a tensor on the meta device")
+    return model.eval()
+
+
 class TorchVision:
     """transformers' Qwen2.5-VL vision tower and merger with the mmproj's weights; `encode(image)` gives
     the image's embeddings (merged tokens x text width, float32), in mtmd's order."""
@@ -88,31 +108,20 @@ class TorchVision:
             import torch
             from transformers import Qwen2VLImageProcessor
             from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
-                                                                            Qwen2_5_VLVisionRotaryEmbedding)
         except ImportError as exc:
             raise RuntimeError(f"vision={encoder!r} needs torch and transformers: pip install 'dfj[torch]' ({exc})") from exc
-        from dfj import hf
-        from dfj.runtime.torch_packed import pack_linears, why_not_packable
+        from dfj.runtime.torch_packed import multiplies_bf16_natively, pack_linears, why_not_packable
 
-        if encoder == "torch-bf16" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        if encoder == "torch-bf16" and not multiplies_bf16_natively():
             raise ValueError("vision='torch-bf16': this CPU multiplies bf16 only by emulation (no AMX, no AVX512_BF16); "
                              "use vision='torch'")
         self.torch = torch
         reader = gguf.GGUFReader(mmproj)
         settings = vision_config(reader)
-        config = Qwen2_5_VLVisionConfig(**settings)
-        with hf.quiet_transformers(), torch.device("meta"):
-            model = Qwen2_5_VisionTransformerPretrainedModel(config)
         self.dtype = torch.bfloat16 if encoder == "torch-bf16" else torch.float32
         # One tensor at a time in its compute dtype: the tower is never held twice.
-        shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-        state = {key: torch.from_numpy(value).to(self.dtype) for key, value in tower_weights(reader, settings, shapes)}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config)  # a buffer computed, not stored
-        model = model.eval()
-        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-            raise AssertionError("the vision tower kept a tensor on the meta device")
+        model = vision_tower(Qwen2_5_VLVisionConfig(**settings), lambda shapes: (
+            (key, torch.from_numpy(value).to(self.dtype)) for key, value in tower_weights(reader, settings, shapes)))
         self.packed = 0 if why_not_packable(model, "cpu") else pack_linears(model)
         self.model = model
         # The training processor's arithmetic: the image arrives fitted to the grid, so its resize keeps
